@@ -1,0 +1,3 @@
+"""binarydm_jax: BinaryDM weight binarization for diffusion models in JAX/Flax."""
+
+__version__ = "0.1.0"

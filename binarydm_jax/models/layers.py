@@ -1,0 +1,81 @@
+"""Building blocks shared by the UNet: the layer factory and the timestep embedding.
+
+Every Conv and Dense of the UNet is created by `LayerFactory`, the one place where a quantization
+policy can swap full-precision layers for binarized ones while keeping `kernel`/`bias` param names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# DDPM initialises with variance scaling over (fan_in + fan_out), uniform.
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+Padding = str | tuple[tuple[int, int], tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFactory:
+  """Creates the UNet's Conv/Dense layers, so the layer type is decided in one place.
+
+  Attributes:
+    dtype: compute dtype of every layer (params stay float32).
+  """
+
+  dtype: Any = jnp.float32
+
+  def conv(
+    self,
+    features: int,
+    kernel_size: tuple[int, int] = (3, 3),
+    strides: tuple[int, int] = (1, 1),
+    padding: Padding = ((1, 1), (1, 1)),
+    zero_init: bool = False,
+    name: str | None = None,
+  ) -> nn.Module:
+    """A 2-D convolution on NHWC inputs with `kernel` (HWIO) and `bias` params."""
+    return nn.Conv(
+      features,
+      kernel_size,
+      strides=strides,
+      padding=padding,
+      dtype=self.dtype,
+      kernel_init=nn.initializers.zeros if zero_init else default_kernel_init,
+      name=name,
+    )
+
+  def dense(self, features: int, zero_init: bool = False, name: str | None = None) -> nn.Module:
+    """A dense layer over the last axis with `kernel` (in, out) and `bias` params."""
+    return nn.Dense(
+      features,
+      dtype=self.dtype,
+      kernel_init=nn.initializers.zeros if zero_init else default_kernel_init,
+      name=name,
+    )
+
+
+def timestep_embedding(
+  timesteps: jnp.ndarray,
+  dim: int,
+  freq_shift: float = 1.0,
+  flip_sin_to_cos: bool = False,
+  max_period: float = 10000.0,
+) -> jnp.ndarray:
+  """Sinusoidal timestep embedding of Ho et al. (2020), shape (batch, dim).
+
+  Frequencies are exp(-log(max_period) * i / (dim/2 - freq_shift)). DDPM uses freq_shift=1 with
+  [sin, cos]; LDM/openaimodel uses freq_shift=0 with [cos, sin] (flip_sin_to_cos=True).
+  """
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb

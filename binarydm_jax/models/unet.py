@@ -1,0 +1,229 @@
+"""The DDPM UNet of Ho et al. (2020) in Flax linen, NHWC.
+
+Blocks follow the openaimodel numbering that BinaryDM's "head and tail" refers to: `input_blocks_0`
+is the stem conv, `input_blocks_i` a ResBlock(+attention) or a downsampling conv, `middle_block`,
+`output_blocks_i` a ResBlock(+attention)(+upsampling). Each block's output is sown into the
+`intermediates` collection under its block name, for representation mimicking.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from binarydm_jax.models.layers import LayerFactory, timestep_embedding
+
+DOWNSAMPLE_PADDINGS = {
+  # TF "SAME" for a stride-2 3x3 conv on an even size pads one row/column at the end (DDPM).
+  "asymmetric": ((0, 1), (0, 1)),
+  # PyTorch padding=1 (LDM/openaimodel, diffusers downsample_padding=1).
+  "symmetric": ((1, 1), (1, 1)),
+}
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm with the configured group count and epsilon, computed in float32."""
+
+  groups: int
+  eps: float
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    y = nn.GroupNorm(num_groups=self.groups, epsilon=self.eps, dtype=jnp.float32, name="norm")(x)
+    return y.astype(x.dtype)
+
+
+class ResBlock(nn.Module):
+  """Pre-activation residual block with a timestep projection (DDPM ResnetBlock)."""
+
+  out_ch: int
+  dropout: float
+  layers: LayerFactory
+  norm_groups: int
+  norm_eps: float
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
+    h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, name="norm_1")(x))
+    h = self.layers.conv(self.out_ch, name="conv_1")(h)
+    h = h + self.layers.dense(self.out_ch, name="temb_proj")(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, name="norm_2")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = self.layers.conv(self.out_ch, zero_init=True, name="conv_2")(h)
+    if x.shape[-1] != self.out_ch:
+      x = self.layers.conv(self.out_ch, (1, 1), padding=((0, 0), (0, 0)), name="skip")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Spatial multi-head self-attention with a residual connection (DDPM AttnBlock)."""
+
+  layers: LayerFactory
+  norm_groups: int
+  norm_eps: float
+  num_head_channels: int  # -1: a single head over all channels.
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    b, height, width, c = x.shape
+    heads = 1 if self.num_head_channels == -1 else c // self.num_head_channels
+    h = GroupNorm(self.norm_groups, self.norm_eps, name="norm")(x)
+    q, k, v = (
+      self.layers.dense(c, name=name)(h).reshape(b, height * width, heads, c // heads)
+      for name in ("q", "k", "v")
+    )
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(c // heads)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, height, width, c)
+    return x + self.layers.dense(c, zero_init=True, name="proj_out")(out)
+
+
+class ResAttnBlock(nn.Module):
+  """One encoder/decoder block: ResBlock, optional attention, optional 2x nearest upsampling."""
+
+  out_ch: int
+  use_attn: bool
+  upsample: bool
+  dropout: float
+  layers: LayerFactory
+  norm_groups: int
+  norm_eps: float
+  num_head_channels: int
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
+    h = ResBlock(
+      self.out_ch, self.dropout, self.layers, self.norm_groups, self.norm_eps, name="res"
+    )(x, temb, train)
+    if self.use_attn:
+      h = AttnBlock(
+        self.layers, self.norm_groups, self.norm_eps, self.num_head_channels, name="attn"
+      )(h)
+    if self.upsample:
+      b, height, width, c = h.shape
+      h = jax.image.resize(h, (b, 2 * height, 2 * width, c), method="nearest")
+      h = self.layers.conv(c, name="upsample")(h)
+    return h
+
+
+class UNet(nn.Module):
+  """Epsilon-prediction UNet: `apply(params, x[N,H,W,C], t[N], train)` -> eps[N,H,W,C]."""
+
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  out_channels: int = 3
+  dropout: float = 0.1
+  num_head_channels: int = -1
+  norm_groups: int = 32
+  norm_eps: float = 1e-6
+  freq_shift: float = 1.0
+  flip_sin_to_cos: bool = False
+  downsample_padding: str = "asymmetric"
+  layers: LayerFactory = dataclasses.field(default_factory=LayerFactory)
+
+  def _block(self, out_ch: int, resolution: int, upsample: bool, name: str) -> ResAttnBlock:
+    return ResAttnBlock(
+      out_ch,
+      use_attn=resolution in self.attn_resolutions,
+      upsample=upsample,
+      dropout=self.dropout,
+      layers=self.layers,
+      norm_groups=self.norm_groups,
+      norm_eps=self.norm_eps,
+      num_head_channels=self.num_head_channels,
+      name=name,
+    )
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+      raise ValueError(
+        f"downsample_padding={self.downsample_padding!r}; expected one of "
+        f"{sorted(DOWNSAMPLE_PADDINGS)}"
+      )
+    x = x.astype(self.layers.dtype)
+    temb = timestep_embedding(t, self.ch, self.freq_shift, self.flip_sin_to_cos)
+    temb = self.layers.dense(4 * self.ch, name="time_embed_0")(temb.astype(self.layers.dtype))
+    temb = self.layers.dense(4 * self.ch, name="time_embed_1")(nn.swish(temb))
+
+    resolution = x.shape[1]
+    h = self.layers.conv(self.ch, name="conv_in")(x)
+    self.sow("intermediates", "input_blocks_0", h)
+    skips = [h]
+    block = 1
+    for level, mult in enumerate(self.ch_mult):
+      for _ in range(self.num_res_blocks):
+        name = f"input_blocks_{block}"
+        h = self._block(self.ch * mult, resolution, False, name)(h, temb, train)
+        self.sow("intermediates", name, h)
+        skips.append(h)
+        block += 1
+      if level != len(self.ch_mult) - 1:
+        name = f"input_blocks_{block}"
+        pad = DOWNSAMPLE_PADDINGS[self.downsample_padding]
+        h = self.layers.conv(h.shape[-1], strides=(2, 2), padding=pad, name=name)(h)
+        self.sow("intermediates", name, h)
+        skips.append(h)
+        resolution //= 2
+        block += 1
+
+    h = ResBlock(
+      h.shape[-1], self.dropout, self.layers, self.norm_groups, self.norm_eps, name="middle_res_0"
+    )(h, temb, train)
+    h = AttnBlock(
+      self.layers, self.norm_groups, self.norm_eps, self.num_head_channels, name="middle_attn"
+    )(h)
+    h = ResBlock(
+      h.shape[-1], self.dropout, self.layers, self.norm_groups, self.norm_eps, name="middle_res_1"
+    )(h, temb, train)
+    self.sow("intermediates", "middle_block", h)
+
+    block = 0
+    for level, mult in reversed(list(enumerate(self.ch_mult))):
+      for i in range(self.num_res_blocks + 1):
+        name = f"output_blocks_{block}"
+        upsample = level != 0 and i == self.num_res_blocks
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = self._block(self.ch * mult, resolution, upsample, name)(h, temb, train)
+        self.sow("intermediates", name, h)
+        resolution *= 2 if upsample else 1
+        block += 1
+
+    h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, name="norm_out")(h))
+    h = self.layers.conv(self.out_channels, zero_init=True, name="conv_out")(h)
+    return h.astype(jnp.float32)
+
+
+def unet_from_config(
+  model_config: ml_collections.ConfigDict, layers: LayerFactory | None = None
+) -> UNet:
+  """Builds the UNet from the `config.model` section (see configs/default.py for the fields)."""
+  dtype = jnp.dtype(model_config.get("dtype", "float32"))
+  return UNet(
+    ch=model_config.ch,
+    ch_mult=tuple(model_config.ch_mult),
+    num_res_blocks=model_config.num_res_blocks,
+    attn_resolutions=tuple(model_config.attn_resolutions),
+    out_channels=model_config.channels,
+    dropout=model_config.dropout,
+    num_head_channels=model_config.get("num_head_channels", -1),
+    norm_groups=model_config.get("norm_groups", 32),
+    norm_eps=model_config.get("norm_eps", 1e-6),
+    freq_shift=model_config.get("freq_shift", 1.0),
+    flip_sin_to_cos=model_config.get("flip_sin_to_cos", False),
+    downsample_padding=model_config.get("downsample_padding", "asymmetric"),
+    layers=layers or LayerFactory(dtype=dtype),
+  )
+
+
+def count_params(params: Any) -> int:
+  """Total number of scalars in a param tree."""
+  return sum(x.size for x in jax.tree.leaves(params))

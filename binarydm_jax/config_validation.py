@@ -1,0 +1,105 @@
+"""Checks a config before any work starts, so a bad value is one line naming the key and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key, the value and what is expected."""
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  return value
+
+
+def _check(
+  config: ml_collections.ConfigDict, key: str, ok: Callable[[Any], bool], expected: str
+) -> None:
+  value = _get(config, key)
+  if not ok(value):
+    raise ConfigError(f"config.{key}={value!r}: expected {expected}")
+
+
+def _one_of(options: Iterable[Any]) -> tuple[Callable[[Any], bool], str]:
+  options = tuple(options)
+  return (lambda v: v in options), f"one of {options}"
+
+
+def _positive_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _non_negative_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _positive_ints(v: Any) -> bool:
+  return isinstance(v, tuple | list) and len(v) > 0 and all(_positive_int(x) for x in v)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first invalid field of `config`."""
+  _check(config, "data.name", *_one_of(("digits", "cifar10")))
+  _check(config, "data.image_size", _positive_int, "a positive int")
+  _check(config, "data.heldout_fraction", lambda v: 0.0 < v < 1.0, "a fraction in (0, 1)")
+  _check(config, "model.ch", _positive_int, "a positive int")
+  _check(config, "model.ch_mult", _positive_ints, "a non-empty tuple of positive ints")
+  _check(config, "model.num_res_blocks", _positive_int, "a positive int")
+  _check(config, "model.channels", _positive_int, "a positive int")
+  _check(config, "model.attn_resolutions", lambda v: isinstance(v, tuple | list), "a tuple of ints")
+  _check(config, "model.dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)")
+  _check(config, "model.dtype", *_one_of(("float32", "bfloat16", "float16")))
+  _check(config, "model.downsample_padding", *_one_of(("asymmetric", "symmetric")))
+  groups = config.model.norm_groups
+  for mult in config.model.ch_mult:
+    if _positive_int(groups) and (config.model.ch * mult) % groups:
+      raise ConfigError(
+        f"config.model.norm_groups={groups!r}: must divide every level's channels "
+        f"(model.ch * ch_mult = {config.model.ch * mult})"
+      )
+  levels = len(config.model.ch_mult) - 1
+  if config.data.image_size % (2**levels):
+    raise ConfigError(
+      f"config.data.image_size={config.data.image_size}: must be divisible by 2**{levels} "
+      f"(len(model.ch_mult) - 1 downsamplings)"
+    )
+  _check(config, "diffusion.num_timesteps", _positive_int, "a positive int")
+  _check(
+    config,
+    "diffusion.beta_end",
+    lambda v: 0.0 < config.diffusion.beta_start < v < 1.0,
+    "0 < diffusion.beta_start < beta_end < 1",
+  )
+  for key in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every"):
+    _check(config, f"training.{key}", _positive_int, "a positive int")
+  _check(config, "training.num_steps", _non_negative_int, "a non-negative int")
+  _check(config, "optim.learning_rate", lambda v: v > 0, "a positive float")
+  _check(config, "optim.warmup_steps", _non_negative_int, "a non-negative int")
+  _check(config, "optim.ema_decay", lambda v: 0.0 <= v < 1.0, "a decay in [0, 1)")
+  _check(config, "sampling.sampler", *_one_of(("ddim", "ddpm")))
+  _check(
+    config,
+    "sampling.ddim_steps",
+    lambda v: _positive_int(v) and v <= config.diffusion.num_timesteps,
+    "an int in [1, diffusion.num_timesteps]",
+  )
+  _check(config, "sampling.variance", *_one_of(("fixedlarge", "fixedsmall")))
+  _check(config, "sampling.grid_size", _positive_int, "a positive int")
+  _check(config, "eval.metric", *_one_of(("digits_fid", "none")))
+  if config.eval.metric == "digits_fid" and config.data.name != "digits":
+    raise ConfigError(
+      f"config.eval.metric='digits_fid' needs data.name='digits' (got {config.data.name!r}); "
+      "set --config.eval.metric=none"
+    )
+  _check(config, "eval.num_samples", lambda v: isinstance(v, int) and v >= 2, "an int >= 2")
+  _check(config, "eval.batch_size", _positive_int, "a positive int")
+  _check(
+    config, "mesh.data", lambda v: v == -1 or _positive_int(v), "-1 (all devices) or a positive int"
+  )

@@ -1,0 +1,66 @@
+"""Evaluates trained models by sampling them and scoring the samples; writes WORKDIR/eval.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+from clu import metric_writers
+from jax.sharding import Mesh
+
+from binarydm_jax import diffusion, sampling, sharding
+from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
+from binarydm_jax.evaluation.digits_fid import digits_fid
+from binarydm_jax.input_pipeline import ImageDataset
+
+EVAL_SEED = 1234  # Fixed, so every model of a run is scored on the same initial noise.
+
+
+def evaluate_model(
+  name: str,
+  params: Any,
+  model: nn.Module,
+  schedule: diffusion.Schedule,
+  config: ml_collections.ConfigDict,
+  dataset: ImageDataset,
+  mesh: Mesh,
+  workdir: str,
+  writer: metric_writers.MetricWriter,
+) -> dict[str, Any]:
+  """Samples `config.eval.num_samples` images, saves a grid, and scores them with `config.eval.metric`."""
+  sharding.check_batch_divisible(config.eval.batch_size, mesh, "config.eval.batch_size")
+  image_shape = dataset.train.shape[1:]
+  sampler = sampling.make_sampler(model, schedule, config.sampling, mesh, image_shape)
+  samples = sampling.sample_many(
+    sampler, params, jax.random.PRNGKey(EVAL_SEED), config.eval.num_samples, config.eval.batch_size
+  )
+  grid = sampling.image_grid(samples[: config.sampling.grid_size])
+  if jax.process_index() == 0:
+    sampling.save_png(grid, os.path.join(workdir, "samples", f"{name}_final.png"))
+  writer.write_images(0, {f"{name}/final_samples": grid[None]})
+
+  if config.eval.metric == "digits_fid":
+    extractor = DigitsFeatureExtractor(image_shape[0], cache_dir=config.eval.cache_dir)
+    result = digits_fid(samples, dataset.heldout, extractor)
+    writer.write_scalars(0, {f"{name}/digits_fid": result["fid"]})
+  else:
+    result = {"num_samples": int(samples.shape[0])}
+  result["sampler"] = (
+    f"ddim{config.sampling.ddim_steps}" if config.sampling.sampler == "ddim" else "ddpm"
+  )
+  return result
+
+
+def write_results(results: dict[str, Any], workdir: str) -> None:
+  """Writes `results` to WORKDIR/eval.json atomically (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, "eval.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)

@@ -1,0 +1,110 @@
+"""The training loop of one stage: resume, step, log, checkpoint, sample; shared by every stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.sharding import Mesh
+
+from binarydm_jax import checkpointing, sharding
+from binarydm_jax.input_pipeline import ImageDataset
+
+StepFn = Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the last good checkpoint is kept and nothing is saved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One resumable training stage (e.g. the FP teacher) living in its own checkpoint directory."""
+
+  name: str
+  directory: str
+  num_steps: int
+  step_fn: StepFn
+  on_sample: Callable[[Any, int], None]
+
+
+def _summarise(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Means of the metrics gathered since the last summary."""
+  host = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def _check_finite(
+  stage: Stage, step: int, metrics: dict[str, float], last_saved: int | None
+) -> None:
+  if not math.isfinite(metrics["loss"]):
+    raise NonFiniteLossError(
+      f"{stage.name}: loss is {metrics['loss']} at step {step}; nothing was saved after it "
+      f"(last checkpoint: step {last_saved}). Lower --config.optim.learning_rate or "
+      "check the data, then rerun the same command to resume from that checkpoint."
+    )
+
+
+def run_stage(
+  stage: Stage,
+  state: Any,
+  config: ml_collections.ConfigDict,
+  dataset: ImageDataset,
+  mesh: Mesh,
+  writer: metric_writers.MetricWriter,
+) -> Any:
+  """Trains `state` to `stage.num_steps`, resuming from the stage's latest checkpoint if any.
+
+  The batch and randomness of step s depend only on s, so a run killed at any moment and
+  restarted reproduces the uninterrupted run.
+  """
+  training = config.training
+  sharding.check_batch_divisible(training.batch_size, mesh, "config.training.batch_size")
+  manager = checkpointing.make_manager(stage.directory, training.keep_checkpoints)
+  restored = checkpointing.restore_latest(manager, state, config)
+  state = state if restored is None else restored
+  start = int(jax.device_get(state.step))
+  last_saved = manager.latest_step()
+  if start >= stage.num_steps:
+    logging.info("%s: already trained (%d steps)", stage.name, start)
+    return state
+  logging.info("%s: training steps %d -> %d", stage.name, start, stage.num_steps)
+
+  hooks = []
+  if jax.process_index() == 0:
+    hooks.append(
+      periodic_actions.ReportProgress(
+        num_train_steps=stage.num_steps, writer=writer, every_steps=training.log_every
+      )
+    )
+  pending: list[dict[str, jax.Array]] = []
+  with metric_writers.ensure_flushes(writer):
+    for step in range(start, stage.num_steps):
+      local = dataset.batch(step, training.batch_size)
+      with jax.profiler.StepTraceAnnotation(stage.name, step_num=step):
+        state, metrics = stage.step_fn(state, sharding.global_batch(local, mesh))
+      pending.append(metrics)
+      done = step + 1
+      for hook in hooks:
+        hook(done)
+      is_last = done == stage.num_steps
+      if done % training.log_every == 0 or done % training.checkpoint_every == 0 or is_last:
+        summary = _summarise(pending)
+        pending = []
+        _check_finite(stage, done, summary, last_saved)
+        writer.write_scalars(done, {f"{stage.name}/{k}": v for k, v in summary.items()})
+        logging.info("%s step %d: %s", stage.name, done, summary)
+      if done % training.checkpoint_every == 0 or is_last:
+        checkpointing.save(manager, done, state, config)
+        last_saved = done
+      if done % training.sample_every == 0 or is_last:
+        stage.on_sample(state, done)
+  manager.wait_until_finished()
+  return state

@@ -1,0 +1,47 @@
+"""Command line: `python -m binarydm_jax.main --config=configs/digits.py --workdir=DIR`.
+
+Intentionally short: flags in, `train.train_and_evaluate(config, workdir)` out. Known user errors
+(bad config, missing data, wrong checkpoint, NaN loss) are printed as one line, not a traceback.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file (configs/*.py[:arg]).", lock_config=True
+)
+flags.DEFINE_string(
+  "workdir", None, "Directory for checkpoints, samples, TensorBoard and eval.json."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Imported here so that `--help` and flag errors stay fast.
+  import jax
+  import tensorflow as tf
+
+  from binarydm_jax import train
+  from binarydm_jax.checkpointing import CheckpointMismatchError
+  from binarydm_jax.config_validation import ConfigError
+  from binarydm_jax.input_pipeline import DatasetNotFoundError
+  from binarydm_jax.loop import NonFiniteLossError
+
+  tf.config.set_visible_devices([], "GPU")  # TF only reads data; keep the accelerators for JAX.
+  logging.info(
+    "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
+  )
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, DatasetNotFoundError, CheckpointMismatchError, NonFiniteLossError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

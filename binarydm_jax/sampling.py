@@ -1,0 +1,93 @@
+"""Sampling a trained UNet over the device mesh, and saving sample grids as PNG / TensorBoard images."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from PIL import Image
+
+from binarydm_jax import diffusion, sharding
+
+
+def make_sampler(
+  model: nn.Module,
+  schedule: diffusion.Schedule,
+  sampling_config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  image_shape: tuple[int, int, int],
+) -> Callable[[Any, jax.Array, int], np.ndarray]:
+  """Returns `sample(params, rng, num) -> np.ndarray[num, H, W, C]` in [-1, 1], on all hosts.
+
+  The batch is sharded over the mesh's data axis; each distinct `num` compiles once.
+  """
+
+  @functools.partial(jax.jit, static_argnums=(2,), out_shardings=sharding.data_sharding(mesh))
+  def sample(params, rng, num):
+    def eps_fn(x, t):
+      x = jax.lax.with_sharding_constraint(x, sharding.data_sharding(mesh))
+      return model.apply({"params": params}, x, t, train=False)
+
+    shape = (num, *image_shape)
+    if sampling_config.sampler == "ddim":
+      return diffusion.ddim_sample(
+        eps_fn,
+        schedule,
+        shape,
+        rng,
+        sampling_config.ddim_steps,
+        sampling_config.eta,
+        sampling_config.clip_denoised,
+      )
+    return diffusion.ddpm_sample(
+      eps_fn, schedule, shape, rng, sampling_config.clip_denoised, sampling_config.variance
+    )
+
+  def run(params: Any, rng: jax.Array, num: int) -> np.ndarray:
+    out = sample(params, rng, num)
+    return np.clip(np.asarray(multihost_utils.process_allgather(out, tiled=True)), -1.0, 1.0)
+
+  return run
+
+
+def sample_many(
+  sampler: Callable[[Any, jax.Array, int], np.ndarray],
+  params: Any,
+  rng: jax.Array,
+  num: int,
+  batch_size: int,
+) -> np.ndarray:
+  """Draws `num` samples in batches of `batch_size` (the last batch is cut to size)."""
+  batches = [
+    sampler(params, jax.random.fold_in(rng, i), batch_size)
+    for i in range(math.ceil(num / batch_size))
+  ]
+  return np.concatenate(batches)[:num]
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+  """Tiles NHWC images in [-1, 1] into one square-ish uint8 grid (H', W', C) with 1px borders."""
+  n, h, w, c = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+  pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+  for i, image in enumerate(pixels):
+    r, col = divmod(i, cols)
+    grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = image
+  return grid
+
+
+def save_png(grid: np.ndarray, path: str) -> None:
+  """Writes a uint8 HWC grid to `path` (grayscale when C=1), creating the folder."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)

@@ -1,0 +1,174 @@
+"""The job: train (or load) the FP teacher, sample, evaluate, and write WORKDIR/eval.json.
+
+Sections follow big_vision's order: mesh -> data -> model -> sharded init -> step -> loop -> eval.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from clu import metric_writers
+from jax.sharding import Mesh
+
+from binarydm_jax import diffusion, evaluate, optim, sampling, sharding
+from binarydm_jax.config_validation import validate_config
+from binarydm_jax.input_pipeline import load_dataset
+from binarydm_jax.loop import Stage, run_stage
+from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.train_state import TrainState, create_train_state, ema_update
+
+
+def make_train_step(
+  model: nn.Module,
+  schedule: diffusion.Schedule,
+  tx: optax.GradientTransformation,
+  lr_fn: optax.Schedule,
+  ema_decay: float,
+):
+  """The FP train step `(state, batch) -> (state, metrics)`: eps-MSE, Adam, EMA."""
+
+  def train_step(state: TrainState, batch: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    noise_rng, dropout_rng = jax.random.split(state.step_rng())
+
+    def loss_fn(params):
+      x_t, t, noise = diffusion.noisy_inputs(schedule, batch, noise_rng)
+      eps = model.apply({"params": params}, x_t, t, train=True, rngs={"dropout": dropout_rng})
+      return diffusion.eps_mse(eps, noise)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      ema_params=ema_update(state.ema_params, params, ema_decay),
+    )
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "learning_rate": lr_fn(state.step),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(train_step, mesh: Mesh):
+  """Compiles a step with replicated, donated state and a batch sharded over `data`."""
+  return jax.jit(
+    train_step,
+    in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
+    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+
+
+def init_train_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, int, int],
+  seed: int,
+  mesh: Mesh,
+) -> TrainState:
+  """Initialises params and optimizer state directly into their (replicated) shardings."""
+  rng = jax.random.PRNGKey(seed)
+
+  def init():
+    params = model.init(
+      jax.random.fold_in(rng, 0), jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32)
+    )["params"]
+    return create_train_state(params, tx, rng)
+
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+
+
+def _sample_callback(name, sampler, writer, workdir, grid_size, seed):
+  """Saves a grid of EMA samples as DIR/samples/<name>_<step>.png and a TensorBoard image."""
+
+  def on_sample(state: TrainState, step: int) -> None:
+    images = sampler(state.ema_params, jax.random.PRNGKey(seed), grid_size)
+    grid = sampling.image_grid(images)
+    if jax.process_index() == 0:
+      sampling.save_png(grid, os.path.join(workdir, "samples", f"{name}_{step:07d}.png"))
+    writer.write_images(step, {f"{name}/samples": grid[None]})
+
+  return on_sample
+
+
+def train_teacher(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mesh: Mesh,
+  dataset,
+  model: nn.Module,
+  schedule: diffusion.Schedule,
+  writer: metric_writers.MetricWriter,
+) -> Any:
+  """Trains the FP model in WORKDIR/teacher (resuming if possible); returns its EMA params."""
+  image_shape = dataset.train.shape[1:]
+  tx = optim.make_optimizer(config.optim)
+  state = init_train_state(model, tx, image_shape, config.training.seed, mesh)
+  step_fn = jit_train_step(
+    make_train_step(
+      model, schedule, tx, optim.learning_rate_schedule(config.optim), config.optim.ema_decay
+    ),
+    mesh,
+  )
+  sampler = sampling.make_sampler(model, schedule, config.sampling, mesh, image_shape)
+  stage = Stage(
+    name="teacher",
+    directory=os.path.join(workdir, "teacher"),
+    num_steps=config.training.num_steps,
+    step_fn=step_fn,
+    on_sample=_sample_callback(
+      "teacher", sampler, writer, workdir, config.sampling.grid_size, config.training.seed
+    ),
+  )
+  state = run_stage(stage, state, config, dataset, mesh, writer)
+  return state.ema_params
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`section.key -> value` with non-scalar values as strings, for TensorBoard's hparams."""
+  flat = {}
+  for section, values in config.to_dict().items():
+    for key, value in values.items():
+      scalar = isinstance(value, bool | int | float | str)
+      flat[f"{section}.{key}"] = value if scalar else str(value)
+  return flat
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the whole job in `workdir` and returns the contents of WORKDIR/eval.json."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  # ---------------------------------------------------------------- Mesh
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info("Mesh: %s over %d process(es)", dict(mesh.shape), jax.process_count())
+  # ---------------------------------------------------------------- Data
+  dataset = load_dataset(config.data)
+  # ---------------------------------------------------------------- Model
+  model = unet_from_config(config.model)
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "teacher")):
+    writer.write_hparams(_flat_hparams(config))
+  # ---------------------------------------------------------------- Teacher
+  teacher_params = train_teacher(config, workdir, mesh, dataset, model, schedule, writer)
+  # ---------------------------------------------------------------- Evaluation
+  results = {
+    "teacher": evaluate.evaluate_model(
+      "teacher", teacher_params, model, schedule, config, dataset, mesh, workdir, writer
+    )
+  }
+  evaluate.write_results(results, workdir)
+  writer.flush()
+  return results

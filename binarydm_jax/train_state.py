@@ -1,0 +1,47 @@
+"""The training state: step, params, optimizer state, EMA params and the base PRNG key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything needed to resume training exactly.
+
+  `rng` is a raw uint32 base key; the key of step s is `fold_in(rng, s)`, so randomness depends
+  on the step only and a resumed run repeats an uninterrupted one.
+  """
+
+  step: jnp.ndarray
+  params: Any
+  opt_state: optax.OptState
+  ema_params: Any
+  rng: jnp.ndarray
+
+  def step_rng(self) -> jax.Array:
+    """The PRNG key of the current step."""
+    return jax.random.fold_in(self.rng, self.step)
+
+
+def create_train_state(
+  params: Any, tx: optax.GradientTransformation, rng: jnp.ndarray
+) -> TrainState:
+  """A fresh state at step 0 whose EMA starts at the initial params."""
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=tx.init(params),
+    ema_params=params,
+    rng=rng,
+  )
+
+
+def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
+  """Exponential moving average: ema <- decay * ema + (1 - decay) * params."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)

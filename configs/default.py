@@ -1,0 +1,88 @@
+"""Base configuration shared by every job; variants (digits.py, cifar.py) override a few fields.
+
+Override any field from the command line, e.g. `--config.training.num_steps=100`.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The paper's CIFAR-10 DDPM setting; see configs/cifar.py and configs/digits.py."""
+  config = ml_collections.ConfigDict()
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "cifar10"  # 'cifar10' (tensorflow-datasets) or 'digits' (scikit-learn, offline).
+  data.image_size = 32  # Training resolution (images are resized to it if needed).
+  data.data_dir = config_dict.placeholder(
+    str
+  )  # tfds data dir; None = tfds default (~/tensorflow_datasets).
+  data.random_flip = True  # Random horizontal flips (DDPM uses them on CIFAR-10).
+  data.heldout_fraction = 0.2  # digits only: fraction held out as the evaluation reference.
+  data.seed = 0  # Seed of the data order; the batch of step s depends only on (seed, s).
+
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 128  # Base channel count.
+  model.ch_mult = (1, 2, 2, 2)  # Channel multiplier per resolution level.
+  model.num_res_blocks = 2  # ResBlocks per level (the decoder has one more per level).
+  model.attn_resolutions = (16,)  # Feature-map resolutions that get self-attention.
+  model.channels = 3  # Image channels (input and output).
+  model.dropout = 0.1  # Dropout inside ResBlocks during training.
+  model.num_head_channels = -1  # Channels per attention head; -1 = one head (DDPM).
+  model.norm_groups = 32  # GroupNorm groups.
+  model.norm_eps = 1e-6  # GroupNorm epsilon (DDPM/diffusers 1e-6; LDM 1e-5).
+  model.freq_shift = (
+    1.0  # Timestep embedding: exponent denominator is dim/2 - freq_shift (DDPM: 1).
+  )
+  model.flip_sin_to_cos = False  # Timestep embedding order [cos, sin] (LDM) instead of [sin, cos].
+  model.downsample_padding = "asymmetric"  # 'asymmetric' (DDPM/TF SAME) or 'symmetric' (LDM).
+  model.dtype = "float32"  # Compute dtype ('bfloat16' on TPU/GPU); params are always float32.
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.beta_schedule = "linear"  # Noise schedule (DDPM linear).
+  diffusion.beta_start = 1e-4  # beta_1.
+  diffusion.beta_end = 0.02  # beta_T.
+  diffusion.num_timesteps = 1000  # T.
+
+  config.teacher = teacher = ml_collections.ConfigDict()
+  # A pretrained FP model: a diffusers UNet2DModel directory or an orbax checkpoint written by
+  # `python -m binarydm_jax.convert`. None = train the teacher in WORKDIR/teacher.
+  teacher.source = config_dict.placeholder(str)
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # Global batch size (split over devices and hosts).
+  training.num_steps = 800_000  # Teacher training steps (DDPM CIFAR-10: 800K).
+  training.log_every = 100  # Steps between scalar summaries.
+  training.checkpoint_every = 5_000  # Steps between checkpoints.
+  training.keep_checkpoints = 3  # Number of most recent checkpoints kept.
+  training.sample_every = 50_000  # Steps between sample grids (PNG + TensorBoard).
+  training.seed = 0  # Seed of params init, noise and dropout (data order: data.seed).
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-4  # Adam peak learning rate (DDPM: 2e-4).
+  optim.warmup_steps = 5_000  # Linear warmup steps (DDPM: 5000).
+  optim.grad_clip = 1.0  # Global gradient-norm clip (DDPM: 1.0).
+  optim.b1 = 0.9  # Adam beta_1.
+  optim.b2 = 0.999  # Adam beta_2.
+  optim.ema_decay = 0.9999  # EMA decay of the params used for sampling (DDPM: 0.9999).
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = "ddim"  # 'ddim' or 'ddpm' (ancestral, all T steps).
+  sampling.ddim_steps = 100  # DDIM steps (paper: 100).
+  sampling.eta = 0.0  # DDIM eta (0 = deterministic).
+  sampling.clip_denoised = True  # Clip the predicted x_0 to [-1, 1].
+  sampling.variance = "fixedlarge"  # DDPM ancestral variance: 'fixedlarge' or 'fixedsmall'.
+  sampling.grid_size = 64  # Images in each saved sample grid.
+
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.metric = "none"  # 'digits_fid' (offline) or 'none' (Inception FID: later release).
+  evaluation.num_samples = 1000  # Generated samples per evaluated model.
+  evaluation.batch_size = 250  # Sampling batch for evaluation (global).
+  evaluation.cache_dir = config_dict.placeholder(
+    str
+  )  # Feature-extractor cache; None = ~/.cache/binarydm_jax.
+
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # Devices on the data axis; -1 = all devices.
+
+  return config

@@ -1,0 +1,222 @@
+"""Training images in host memory, with a step-addressed, restart-exact batch order.
+
+Both datasets are small enough to hold whole on every host (CIFAR-10 train is
+50,000 x 32 x 32 x 3 bytes), so there is no streaming pipeline: `load_dataset`
+returns an `ImageDataset` and `ImageDataset.batch(step, ...)` computes the
+batch for a step purely from `(seed, step)`. A run restarted from a checkpoint
+at step `s` therefore sees exactly the batches an uninterrupted run would have,
+and every process cuts its own rows out of the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+import sklearn.datasets
+import tensorflow_datasets as tfds
+from absl import logging
+
+DATASET_NAMES = ("digits", "cifar10")
+
+# Seeds the digits train/held-out permutation. Deliberately not the training
+# seed, so the held-out images are the same for every run.
+_DIGITS_SPLIT_SEED = 20250125
+# Third entropy word of the flip rng, so flips never reuse the order's stream.
+_FLIP_STREAM = 0xF11B
+# Rows converted from tf.data to numpy at a time while loading CIFAR-10.
+_TFDS_CHUNK = 10_000
+
+# (train images, train labels, held-out images, held-out labels).
+_Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+class DatasetNotFoundError(Exception):
+  """A dataset is not prepared locally and must be downloaded elsewhere."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+  """Train and held-out images, NHWC float32 in [-1, 1].
+
+  Attributes:
+    train: Training images, shape (N, H, W, C).
+    heldout: Evaluation reference images, shape (M, H, W, C).
+    seed: Seed of the data order and of the random flips.
+    random_flip: Whether `batch` flips images horizontally with prob 0.5.
+    train_labels: Class labels of `train` (int32), or None.
+    heldout_labels: Class labels of `heldout` (int32), or None.
+  """
+
+  train: np.ndarray
+  heldout: np.ndarray
+  seed: int
+  random_flip: bool
+  train_labels: np.ndarray | None = None
+  heldout_labels: np.ndarray | None = None
+
+  def batch(
+    self,
+    step: int,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ) -> np.ndarray:
+    """This process's slice of the global batch for `step`.
+
+    The global batch holds the `global_batch_size` consecutive positions
+    starting at `step * global_batch_size` in the endless concatenation of
+    per-epoch permutations of the training set; epoch `e` is permuted by
+    `np.random.default_rng([seed, e])`. The result depends only on
+    `(seed, step)` and the process's place, never on earlier calls.
+
+    Args:
+      step: Training step, >= 0.
+      global_batch_size: Batch size summed over all processes.
+      process_index: This process's index; defaults to `jax.process_index()`.
+      process_count: Number of processes; defaults to `jax.process_count()`.
+
+    Returns:
+      Rows `[i * B / P, (i + 1) * B / P)` of the global batch, float32 NHWC.
+
+    Raises:
+      ValueError: If the batch size is not divisible by the process count,
+        or the step or process index is out of range.
+    """
+    if process_index is None:
+      process_index = jax.process_index()
+    if process_count is None:
+      process_count = jax.process_count()
+    if step < 0:
+      raise ValueError(f"step must be >= 0, got {step}.")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+      raise ValueError(
+        f"global_batch_size={global_batch_size} must be a positive multiple of "
+        f"the process count {process_count}."
+      )
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+
+    indices = self._global_indices(step, global_batch_size)
+    local_size = global_batch_size // process_count
+    rows = slice(process_index * local_size, (process_index + 1) * local_size)
+    images = self.train[indices[rows]]
+    if self.random_flip:
+      flip_rng = np.random.default_rng([self.seed, step, _FLIP_STREAM])
+      flip = flip_rng.random(global_batch_size)[rows] < 0.5
+      images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+    return images
+
+  def _global_indices(self, step: int, global_batch_size: int) -> np.ndarray:
+    """Training-set indices of the global batch for `step`."""
+    num_train = len(self.train)
+    positions = step * global_batch_size + np.arange(global_batch_size, dtype=np.int64)
+    epochs, offsets = np.divmod(positions, num_train)
+    indices = np.empty(global_batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+      in_epoch = epochs == epoch
+      order = np.random.default_rng([self.seed, int(epoch)]).permutation(num_train)
+      indices[in_epoch] = order[offsets[in_epoch]]
+    return indices
+
+
+def load_dataset(data_config: ml_collections.ConfigDict) -> ImageDataset:
+  """Loads a dataset named by `data_config.name` into host memory.
+
+  Args:
+    data_config: Fields `name` ('digits' or 'cifar10'), `image_size`,
+      `seed`, `random_flip`, and optionally `data_dir` (tfds data dir) and
+      `heldout_fraction` (digits only, default 0.2).
+
+  Returns:
+    The dataset, images resized to `image_size` and scaled to [-1, 1].
+
+  Raises:
+    ValueError: If the name is unknown.
+    DatasetNotFoundError: If CIFAR-10 is not prepared in `data_dir`.
+  """
+  name = data_config.name
+  image_size = data_config.image_size
+  if name == "digits":
+    splits = _load_digits(image_size, data_config.get("heldout_fraction", 0.2))
+  elif name == "cifar10":
+    splits = _load_cifar10(image_size, data_config.get("data_dir", None))
+  else:
+    raise ValueError(f"Unknown dataset {name!r}; valid names are {', '.join(DATASET_NAMES)}.")
+  train, train_labels, heldout, heldout_labels = splits
+  logging.info(
+    "Loaded %s: train %s, held-out %s, %s, values in [%.2f, %.2f].",
+    name,
+    train.shape,
+    heldout.shape,
+    train.dtype,
+    train.min(),
+    train.max(),
+  )
+  return ImageDataset(
+    train=train,
+    heldout=heldout,
+    seed=data_config.seed,
+    random_flip=data_config.random_flip,
+    train_labels=train_labels,
+    heldout_labels=heldout_labels,
+  )
+
+
+def _to_model_range(images: np.ndarray, max_value: float, image_size: int) -> np.ndarray:
+  """Maps NHWC images in [0, max_value] to float32 [-1, 1], resized bilinearly."""
+  scaled = images.astype(np.float32)
+  scaled *= 2.0 / max_value
+  scaled -= 1.0
+  if scaled.shape[1:3] != (image_size, image_size):
+    shape = (len(scaled), image_size, image_size, scaled.shape[-1])
+    scaled = np.array(jax.image.resize(scaled, shape, method="bilinear"))
+  return np.clip(scaled, -1.0, 1.0, out=scaled)
+
+
+def _load_digits(image_size: int, heldout_fraction: float) -> _Splits:
+  """The 1,797 scikit-learn 8x8 digits, split by a fixed permutation."""
+  if not 0.0 < heldout_fraction < 1.0:
+    raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}.")
+  digits = sklearn.datasets.load_digits()
+  images = _to_model_range(digits.images[..., None], 16.0, image_size)
+  labels = digits.target.astype(np.int32)
+  order = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(images))
+  num_heldout = int(round(heldout_fraction * len(images)))
+  heldout, train = order[:num_heldout], order[num_heldout:]
+  return images[train], labels[train], images[heldout], labels[heldout]
+
+
+def _load_cifar10(image_size: int, data_dir: str | None) -> _Splits:
+  """CIFAR-10 `train` for training and `test` as held-out, from a prepared tfds dir."""
+  builder = tfds.builder("cifar10", data_dir=data_dir)
+  if not builder.is_prepared():
+    root = builder.data_dir_root
+    raise DatasetNotFoundError(
+      f"CIFAR-10 is not prepared in {root} (no dataset_info.json in {builder.data_dir}). "
+      'On a machine with internet run `python -c "import tensorflow_datasets as tfds; '
+      f"tfds.builder('cifar10', data_dir='{root}').download_and_prepare()\"` "
+      f"(or `tfds build cifar10 --data_dir={root}`), copy {root} here, "
+      f"then pass --config.data.data_dir={root}."
+    )
+  train, train_labels = _read_tfds_split(builder, "train")
+  heldout, heldout_labels = _read_tfds_split(builder, "test")
+  return (
+    _to_model_range(train, 255.0, image_size),
+    train_labels,
+    _to_model_range(heldout, 255.0, image_size),
+    heldout_labels,
+  )
+
+
+def _read_tfds_split(
+  builder: tfds.core.DatasetBuilder, split: str
+) -> tuple[np.ndarray, np.ndarray]:
+  """All uint8 images and int32 labels of a split, read in fixed-size chunks."""
+  dataset = builder.as_dataset(split=split, shuffle_files=False).batch(_TFDS_CHUNK)
+  chunks = list(tfds.as_numpy(dataset))
+  images = np.concatenate([chunk["image"] for chunk in chunks])
+  labels = np.concatenate([chunk["label"] for chunk in chunks]).astype(np.int32)
+  return images, labels

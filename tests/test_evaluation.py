@@ -1,0 +1,131 @@
+"""Tests for the Frechet distance, the digits feature extractor and digits FID."""
+
+import ml_collections
+import numpy as np
+import pytest
+import scipy.linalg
+
+from binarydm_jax import input_pipeline
+from binarydm_jax.evaluation import digits_classifier, digits_fid, frechet
+
+IMAGE_SIZE = 16
+
+
+def _random_stats(rng: np.random.Generator, dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """A random mean and a well-conditioned random covariance."""
+  factor = rng.standard_normal((dim, dim))
+  return rng.standard_normal(dim), factor @ factor.T / dim + 0.1 * np.eye(dim)
+
+
+def _scipy_reference(mu1, sigma1, mu2, sigma2) -> float:
+  """The pytorch-fid formula, with scipy's general matrix square root."""
+  covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2)).real
+  diff = mu1 - mu2
+  return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("classifier_cache")
+
+
+@pytest.fixture(scope="module")
+def extractor(cache_dir):
+  return digits_classifier.DigitsFeatureExtractor(IMAGE_SIZE, cache_dir=str(cache_dir))
+
+
+@pytest.fixture(scope="module")
+def digits():
+  config = {"name": "digits", "image_size": IMAGE_SIZE, "seed": 0, "random_flip": False}
+  return input_pipeline.load_dataset(ml_collections.ConfigDict(config))
+
+
+@pytest.mark.parametrize("dim", [1, 8, 64])
+def test_frechet_distance_matches_scipy_sqrtm(dim):
+  rng = np.random.default_rng(dim)
+  stats1, stats2 = _random_stats(rng, dim), _random_stats(rng, dim)
+  expected = _scipy_reference(*stats1, *stats2)
+  np.testing.assert_allclose(frechet.frechet_distance(*stats1, *stats2), expected, rtol=1e-6)
+
+
+def test_frechet_distance_is_zero_for_identical_stats_and_symmetric():
+  rng = np.random.default_rng(0)
+  stats1, stats2 = _random_stats(rng, 32), _random_stats(rng, 32)
+  assert abs(frechet.frechet_distance(*stats1, *stats1)) < 1e-9
+  forward = frechet.frechet_distance(*stats1, *stats2)
+  assert forward > 1.0
+  np.testing.assert_allclose(frechet.frechet_distance(*stats2, *stats1), forward, rtol=1e-9)
+
+
+def test_frechet_distance_of_rank_deficient_stats_is_finite():
+  rng = np.random.default_rng(1)
+  stats1 = frechet.feature_statistics(rng.standard_normal((5, 20)))
+  stats2 = frechet.feature_statistics(rng.standard_normal((5, 20)) + 1.0)
+  distance = frechet.frechet_distance(*stats1, *stats2)
+  assert np.isfinite(distance) and distance > 0
+
+
+def test_frechet_distance_rejects_mismatched_shapes():
+  rng = np.random.default_rng(0)
+  mu, sigma = _random_stats(rng, 4)
+  with pytest.raises(ValueError, match="Shape mismatch"):
+    frechet.frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
+
+
+def test_feature_statistics_are_float64_mean_and_covariance():
+  features = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+  mu, sigma = frechet.feature_statistics(features)
+  assert mu.dtype == sigma.dtype == np.float64
+  np.testing.assert_allclose(mu, features.mean(axis=0), rtol=1e-6)
+  np.testing.assert_allclose(sigma, np.cov(features.T), rtol=1e-6)
+
+
+def test_classifier_accuracy_on_heldout(extractor, digits):
+  assert extractor.name == f"digits_cnn_v1_{IMAGE_SIZE}px"
+  assert extractor.accuracy(digits.heldout, digits.heldout_labels) >= 0.95
+
+
+def test_second_extractor_loads_cache_instead_of_training(
+  extractor, digits, cache_dir, monkeypatch
+):
+  path = cache_dir / f"digits_classifier_{IMAGE_SIZE}px_v1.msgpack"
+  assert path.is_file()
+  assert [p.name for p in cache_dir.iterdir()] == [path.name]  # no temp file left
+
+  def fail(*args, **kwargs):
+    raise AssertionError("retrained although the cache exists")
+
+  monkeypatch.setattr(digits_classifier.DigitsFeatureExtractor, "_train", fail)
+  reloaded = digits_classifier.DigitsFeatureExtractor(IMAGE_SIZE, cache_dir=str(cache_dir))
+  features = extractor.features(digits.heldout)
+  assert features.shape == (len(digits.heldout), digits_classifier.FEATURE_DIM)
+  assert features.dtype == np.float64
+  np.testing.assert_array_equal(reloaded.features(digits.heldout), features)
+
+
+def test_features_reject_other_image_sizes(extractor):
+  with pytest.raises(ValueError, match=r"16x16x1.*8x8x1"):
+    extractor.features(np.zeros((2, 8, 8, 1), np.float32))
+
+
+def test_digits_fid_orders_real_above_noise(extractor, digits):
+  heldout = digits.heldout
+  half = len(heldout) // 2
+  real = digits_fid.digits_fid(heldout[:half], heldout[half:], extractor)
+  noise_images = np.random.default_rng(0).uniform(-1, 1, heldout.shape).astype(np.float32)
+  noise = digits_fid.digits_fid(noise_images, heldout, extractor)
+  assert set(real) == {"fid", "num_samples", "feature_extractor"}
+  assert real["num_samples"] == half
+  assert real["feature_extractor"] == extractor.name
+  assert 0 < real["fid"] and noise["fid"] > 10 * real["fid"]
+
+
+def test_digits_fid_clips_samples(extractor, digits):
+  samples = 3.0 * digits.heldout[:50]
+  clipped = digits_fid.digits_fid(np.clip(samples, -1, 1), digits.heldout, extractor)
+  assert digits_fid.digits_fid(samples, digits.heldout, extractor) == clipped
+
+
+def test_digits_fid_needs_two_samples(extractor, digits):
+  with pytest.raises(ValueError, match="at least 2"):
+    digits_fid.digits_fid(digits.heldout[:1], digits.heldout, extractor)

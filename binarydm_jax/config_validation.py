@@ -83,6 +83,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config, "optim.learning_rate", lambda v: v > 0, "a positive float")
   _check(config, "optim.warmup_steps", _non_negative_int, "a non-negative int")
   _check(config, "optim.ema_decay", lambda v: 0.0 <= v < 1.0, "a decay in [0, 1)")
+  _check(config, "optim.ema_warmup", lambda v: isinstance(v, bool), "True or False")
   _check(config, "sampling.sampler", *_one_of(("ddim", "ddpm")))
   _check(
     config,

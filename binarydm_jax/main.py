@@ -4,6 +4,7 @@ Intentionally short: flags in, `train.train_and_evaluate(config, workdir)` out. 
 (bad config, missing data, wrong checkpoint, NaN loss) are printed as one line, not a traceback.
 """
 
+import logging as pylogging
 import sys
 
 from absl import app, flags, logging
@@ -19,6 +20,13 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of orbax (several lines per checkpoint); warnings still pass."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -32,6 +40,7 @@ def main(argv: list[str]) -> None:
   from binarydm_jax.input_pipeline import DatasetNotFoundError
   from binarydm_jax.loop import NonFiniteLossError
 
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   tf.config.set_visible_devices([], "GPU")  # TF only reads data; keep the accelerators for JAX.
   logging.info(
     "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()

@@ -22,7 +22,7 @@ from binarydm_jax.config_validation import validate_config
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.loop import Stage, run_stage
 from binarydm_jax.models.unet import unet_from_config
-from binarydm_jax.train_state import TrainState, create_train_state, ema_update
+from binarydm_jax.train_state import TrainState, create_train_state, ema_decay_at, ema_update
 
 
 def make_train_step(
@@ -30,7 +30,7 @@ def make_train_step(
   schedule: diffusion.Schedule,
   tx: optax.GradientTransformation,
   lr_fn: optax.Schedule,
-  ema_decay: float,
+  optim_config: ml_collections.ConfigDict,
 ):
   """The FP train step `(state, batch) -> (state, metrics)`: eps-MSE, Adam, EMA."""
 
@@ -49,7 +49,11 @@ def make_train_step(
       step=state.step + 1,
       params=params,
       opt_state=opt_state,
-      ema_params=ema_update(state.ema_params, params, ema_decay),
+      ema_params=ema_update(
+        state.ema_params,
+        params,
+        ema_decay_at(state.step, optim_config.ema_decay, optim_config.ema_warmup),
+      ),
     )
     metrics = {
       "loss": loss,
@@ -117,9 +121,7 @@ def train_teacher(
   tx = optim.make_optimizer(config.optim)
   state = init_train_state(model, tx, image_shape, config.training.seed, mesh)
   step_fn = jit_train_step(
-    make_train_step(
-      model, schedule, tx, optim.learning_rate_schedule(config.optim), config.optim.ema_decay
-    ),
+    make_train_step(model, schedule, tx, optim.learning_rate_schedule(config.optim), config.optim),
     mesh,
   )
   sampler = sampling.make_sampler(model, schedule, config.sampling, mesh, image_shape)

@@ -42,6 +42,17 @@ def create_train_state(
   )
 
 
-def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
+def ema_decay_at(step: jnp.ndarray, decay: float, warmup: bool) -> jnp.ndarray:
+  """The EMA decay at `step`: `decay`, or with warmup min(decay, (1 + step) / (10 + step)).
+
+  The warmup keeps short runs from sampling with params that are mostly the random init.
+  """
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema_params: Any, params: Any, decay: jnp.ndarray | float) -> Any:
   """Exponential moving average: ema <- decay * ema + (1 - decay) * params."""
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)

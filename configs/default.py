@@ -65,6 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   optim.b1 = 0.9  # Adam beta_1.
   optim.b2 = 0.999  # Adam beta_2.
   optim.ema_decay = 0.9999  # EMA decay of the params used for sampling (DDPM: 0.9999).
+  optim.ema_warmup = False  # Decay min(ema_decay, (1+step)/(10+step)): for short runs.
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ddim"  # 'ddim' or 'ddpm' (ancestral, all T steps).

@@ -28,20 +28,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.norm_groups = 8
 
   config.training.batch_size = 64
-  config.training.num_steps = 4000
+  config.training.num_steps = 2000
   config.training.log_every = 100
   config.training.checkpoint_every = 1000
   config.training.sample_every = 2000
 
   config.optim.learning_rate = 1e-3
-  config.optim.warmup_steps = 200
+  config.optim.warmup_steps = 100
   config.optim.ema_decay = 0.999
+  config.optim.ema_warmup = True
 
   config.sampling.ddim_steps = 50
 
   config.eval.metric = "digits_fid"
-  config.eval.num_samples = 500
-  config.eval.batch_size = 250
+  config.eval.num_samples = 512
+  config.eval.batch_size = 256
 
   if arg == "smoke":
     config.model.ch = 16

@@ -104,3 +104,4 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(
     config, "mesh.data", lambda v: v == -1 or _positive_int(v), "-1 (all devices) or a positive int"
   )
+  _check(config, "mesh.fsdp", _positive_int, "a positive int")

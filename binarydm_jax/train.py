@@ -65,12 +65,13 @@ def make_train_step(
   return train_step
 
 
-def jit_train_step(train_step, mesh: Mesh):
-  """Compiles a step with replicated, donated state and a batch sharded over `data`."""
+def jit_train_step(train_step, mesh: Mesh, state: TrainState):
+  """Compiles a step with the donated state in its fsdp/replicated shardings and the batch split."""
+  state_sharding = sharding.tree_shardings(state, mesh)
   return jax.jit(
     train_step,
-    in_shardings=(sharding.replicated(mesh), sharding.data_sharding(mesh)),
-    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+    in_shardings=(state_sharding, sharding.data_sharding(mesh)),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
     donate_argnums=(0,),
   )
 
@@ -82,7 +83,7 @@ def init_train_state(
   seed: int,
   mesh: Mesh,
 ) -> TrainState:
-  """Initialises params and optimizer state directly into their (replicated) shardings."""
+  """Initialises params and optimizer state directly into their shardings (fsdp or replicated)."""
   rng = jax.random.PRNGKey(seed)
 
   def init():
@@ -91,7 +92,7 @@ def init_train_state(
     )["params"]
     return create_train_state(params, tx, rng)
 
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))()
+  return jax.jit(init, out_shardings=sharding.tree_shardings(jax.eval_shape(init), mesh))()
 
 
 def _sample_callback(name, sampler, writer, workdir, grid_size, seed):
@@ -123,6 +124,7 @@ def train_teacher(
   step_fn = jit_train_step(
     make_train_step(model, schedule, tx, optim.learning_rate_schedule(config.optim), config.optim),
     mesh,
+    state,
   )
   sampler = sampling.make_sampler(model, schedule, config.sampling, mesh, image_shape)
   stage = Stage(

@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   )  # Feature-extractor cache; None = ~/.cache/binarydm_jax.
 
   config.mesh = mesh = ml_collections.ConfigDict()
-  mesh.data = -1  # Devices on the data axis; -1 = all devices.
+  mesh.data = -1  # Devices on the data axis; -1 = all devices not used by fsdp.
+  mesh.fsdp = 1  # Devices that split params/optimizer state (fsdp); the batch uses both axes.
 
   return config

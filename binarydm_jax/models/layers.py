@@ -13,6 +13,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from binarydm_jax.quant.layers import QuantConv, QuantDense
+from binarydm_jax.quant.policy import QuantPolicy
+
 # DDPM initialises with variance scaling over (fan_in + fan_out), uniform.
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
@@ -25,9 +28,13 @@ class LayerFactory:
 
   Attributes:
     dtype: compute dtype of every layer (params stay float32).
+    policy: quantization policy; None builds plain nn.Conv/nn.Dense. With a policy every layer is
+      a QuantConv/QuantDense (same `kernel`/`bias` params) that resolves its own treatment from
+      its module path.
   """
 
   dtype: Any = jnp.float32
+  policy: QuantPolicy | None = None
 
   def conv(
     self,
@@ -39,24 +46,36 @@ class LayerFactory:
     name: str | None = None,
   ) -> nn.Module:
     """A 2-D convolution on NHWC inputs with `kernel` (HWIO) and `bias` params."""
+    kernel_init = nn.initializers.zeros if zero_init else default_kernel_init
+    if self.policy is not None:
+      return QuantConv(
+        features,
+        tuple(kernel_size),
+        strides=tuple(strides),
+        padding=padding,
+        dtype=self.dtype,
+        kernel_init=kernel_init,
+        policy=self.policy,
+        name=name,
+      )
     return nn.Conv(
       features,
       kernel_size,
       strides=strides,
       padding=padding,
       dtype=self.dtype,
-      kernel_init=nn.initializers.zeros if zero_init else default_kernel_init,
+      kernel_init=kernel_init,
       name=name,
     )
 
   def dense(self, features: int, zero_init: bool = False, name: str | None = None) -> nn.Module:
     """A dense layer over the last axis with `kernel` (in, out) and `bias` params."""
-    return nn.Dense(
-      features,
-      dtype=self.dtype,
-      kernel_init=nn.initializers.zeros if zero_init else default_kernel_init,
-      name=name,
-    )
+    kernel_init = nn.initializers.zeros if zero_init else default_kernel_init
+    if self.policy is not None:
+      return QuantDense(
+        features, dtype=self.dtype, kernel_init=kernel_init, policy=self.policy, name=name
+      )
+    return nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init, name=name)
 
 
 def timestep_embedding(

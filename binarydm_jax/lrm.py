@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from binarydm_jax.models.unet import BLOCK_OUTPUT_SUFFIX
+
 Features = Mapping[str, jnp.ndarray]
 AXES = ("channel", "width")
 
@@ -75,5 +77,9 @@ def lrm_loss(
 
 
 def block_features(intermediates: Mapping[str, tuple[jnp.ndarray, ...]]) -> dict[str, jnp.ndarray]:
-  """The UNet's sown block outputs (`intermediates` collection) as name -> array."""
-  return {name: values[0] for name, values in intermediates.items()}
+  """The UNet's sown block outputs (`intermediates` collection) as block name -> array."""
+  return {
+    name.removesuffix(BLOCK_OUTPUT_SUFFIX): values[0]
+    for name, values in intermediates.items()
+    if name.endswith(BLOCK_OUTPUT_SUFFIX)
+  }

@@ -3,7 +3,7 @@
 Blocks follow the openaimodel numbering that BinaryDM's "head and tail" refers to: `input_blocks_0`
 is the stem conv, `input_blocks_i` a ResBlock(+attention) or a downsampling conv, `middle_block`,
 `output_blocks_i` a ResBlock(+attention)(+upsampling). Each block's output is sown into the
-`intermediates` collection under its block name, for representation mimicking.
+`intermediates` collection as `<block name>_out`, for representation mimicking.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import ml_collections
 
 from binarydm_jax.models.layers import LayerFactory, timestep_embedding
 
+BLOCK_OUTPUT_SUFFIX = "_out"
 DOWNSAMPLE_PADDINGS = {
   # TF "SAME" for a stride-2 3x3 conv on an even size pads one row/column at the end (DDPM).
   "asymmetric": ((0, 1), (0, 1)),
@@ -129,6 +130,10 @@ class UNet(nn.Module):
   downsample_padding: str = "asymmetric"
   layers: LayerFactory = dataclasses.field(default_factory=LayerFactory)
 
+  def _sow_block(self, name: str, h: jnp.ndarray) -> None:
+    """Records a block's output as `intermediates/<name>_out` (the block's own scope is `<name>`)."""
+    self.sow("intermediates", name + BLOCK_OUTPUT_SUFFIX, h)
+
   def _block(self, out_ch: int, resolution: int, upsample: bool, name: str) -> ResAttnBlock:
     return ResAttnBlock(
       out_ch,
@@ -156,21 +161,21 @@ class UNet(nn.Module):
 
     resolution = x.shape[1]
     h = self.layers.conv(self.ch, name="conv_in")(x)
-    self.sow("intermediates", "input_blocks_0", h)
+    self._sow_block("input_blocks_0", h)
     skips = [h]
     block = 1
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         name = f"input_blocks_{block}"
         h = self._block(self.ch * mult, resolution, False, name)(h, temb, train)
-        self.sow("intermediates", name, h)
+        self._sow_block(name, h)
         skips.append(h)
         block += 1
       if level != len(self.ch_mult) - 1:
         name = f"input_blocks_{block}"
         pad = DOWNSAMPLE_PADDINGS[self.downsample_padding]
         h = self.layers.conv(h.shape[-1], strides=(2, 2), padding=pad, name=name)(h)
-        self.sow("intermediates", name, h)
+        self._sow_block(name, h)
         skips.append(h)
         resolution //= 2
         block += 1
@@ -184,7 +189,7 @@ class UNet(nn.Module):
     h = ResBlock(
       h.shape[-1], self.dropout, self.layers, self.norm_groups, self.norm_eps, name="middle_res_1"
     )(h, temb, train)
-    self.sow("intermediates", "middle_block", h)
+    self._sow_block("middle_block", h)
 
     block = 0
     for level, mult in reversed(list(enumerate(self.ch_mult))):
@@ -193,7 +198,7 @@ class UNet(nn.Module):
         upsample = level != 0 and i == self.num_res_blocks
         h = jnp.concatenate([h, skips.pop()], axis=-1)
         h = self._block(self.ch * mult, resolution, upsample, name)(h, temb, train)
-        self.sow("intermediates", name, h)
+        self._sow_block(name, h)
         resolution *= 2 if upsample else 1
         block += 1
 

@@ -15,9 +15,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-# Config sections whose change makes a checkpoint incompatible with the current run.
-STRUCTURAL_SECTIONS = ("model",)
-
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in a directory was written for a different model than the current config."""
@@ -44,15 +41,27 @@ def save(
   )
 
 
-def _structural_diff(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-  """Keys of the structural sections whose saved and current values differ."""
-  current = ml_collections.ConfigDict(config.to_dict()).to_dict()
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _structural_diff(
+  saved: dict, config: ml_collections.ConfigDict, structural_keys: tuple[str, ...]
+) -> list[str]:
+  """The saved-vs-current differences under `structural_keys` (sections or `section.key`)."""
+  old, new = _flatten(saved), _flatten(config.to_dict())
   diffs = []
-  for section in STRUCTURAL_SECTIONS:
-    old, new = saved.get(section, {}), current.get(section, {})
-    for key in sorted(set(old) | set(new)):
-      if _normalise(old.get(key)) != _normalise(new.get(key)):
-        diffs.append(f"{section}.{key}: checkpoint {old.get(key)!r} vs config {new.get(key)!r}")
+  for key in sorted(set(old) | set(new)):
+    if not any(key == k or key.startswith(k + ".") for k in structural_keys):
+      continue
+    if _normalise(old.get(key)) != _normalise(new.get(key)):
+      diffs.append(f"{key}: checkpoint {old.get(key)!r} vs config {new.get(key)!r}")
   return diffs
 
 
@@ -62,20 +71,22 @@ def _normalise(value: Any) -> Any:
 
 
 def restore_latest(
-  manager: ocp.CheckpointManager, abstract_state: Any, config: ml_collections.ConfigDict
+  manager: ocp.CheckpointManager,
+  abstract_state: Any,
+  config: ml_collections.ConfigDict,
+  structural_keys: tuple[str, ...],
 ) -> Any | None:
   """Restores the latest checkpoint into the shardings of `abstract_state`, or returns None.
 
-  Raises:
-    CheckpointMismatchError: the checkpoint was written for another model configuration.
-  """
+  `structural_keys` are the config sections (or `section.key`s) that must be unchanged since the
+  checkpoint was written, e.g. the model architecture."""
   step = manager.latest_step()
   if step is None:
     return None
   saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
     "config"
   ]
-  diffs = _structural_diff(saved_config, config)
+  diffs = _structural_diff(saved_config, config, structural_keys)
   if diffs:
     raise CheckpointMismatchError(
       f"checkpoint {manager.directory}/{step} belongs to a different model ({'; '.join(diffs)}); "

@@ -31,8 +31,11 @@ class Stage:
   name: str
   directory: str
   num_steps: int
+  batch_size: int
   step_fn: StepFn
   on_sample: Callable[[Any, int], None]
+  # Config sections (or `section.key`s) that a checkpoint of this stage must agree with.
+  structural_keys: tuple[str, ...] = ("model", "diffusion")
 
 
 def _summarise(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -44,12 +47,14 @@ def _summarise(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
 def _check_finite(
   stage: Stage, step: int, metrics: dict[str, float], last_saved: int | None
 ) -> None:
-  if not math.isfinite(metrics["loss"]):
-    raise NonFiniteLossError(
-      f"{stage.name}: loss is {metrics['loss']} at step {step}; nothing was saved after it "
-      f"(last checkpoint: step {last_saved}). Lower --config.optim.learning_rate or "
-      "check the data, then rerun the same command to resume from that checkpoint."
-    )
+  # A NaN gradient (its norm) poisons the params even when the loss of that step was finite.
+  for key in ("loss", "grad_norm"):
+    if key in metrics and not math.isfinite(metrics[key]):
+      raise NonFiniteLossError(
+        f"{stage.name}: {key} is {metrics[key]} at step {step}; nothing was saved after it "
+        f"(last checkpoint: step {last_saved}). Lower --config.optim.learning_rate or "
+        "check the data, then rerun the same command to resume from that checkpoint."
+      )
 
 
 def run_stage(
@@ -66,9 +71,8 @@ def run_stage(
   restarted reproduces the uninterrupted run.
   """
   training = config.training
-  sharding.check_batch_divisible(training.batch_size, mesh, "config.training.batch_size")
   manager = checkpointing.make_manager(stage.directory, training.keep_checkpoints)
-  restored = checkpointing.restore_latest(manager, state, config)
+  restored = checkpointing.restore_latest(manager, state, config, stage.structural_keys)
   state = state if restored is None else restored
   start = int(jax.device_get(state.step))
   last_saved = manager.latest_step()
@@ -85,9 +89,11 @@ def run_stage(
       )
     )
   pending: list[dict[str, jax.Array]] = []
-  with metric_writers.ensure_flushes(writer):
+  # Closing the manager (also on an error such as NonFiniteLossError) commits the async saves
+  # still in flight, so the last checkpoint named in the error exists.
+  with metric_writers.ensure_flushes(writer), manager:
     for step in range(start, stage.num_steps):
-      local = dataset.batch(step, training.batch_size)
+      local = dataset.batch(step, stage.batch_size)
       with jax.profiler.StepTraceAnnotation(stage.name, step_num=step):
         state, metrics = stage.step_fn(state, sharding.global_batch(local, mesh))
       pending.append(metrics)
@@ -106,5 +112,4 @@ def run_stage(
         last_saved = done
       if done % training.sample_every == 0 or is_last:
         stage.on_sample(state, done)
-  manager.wait_until_finished()
   return state

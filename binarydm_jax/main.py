@@ -17,6 +17,15 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string(
   "workdir", None, "Directory for checkpoints, samples, TensorBoard and eval.json."
 )
+flags.DEFINE_enum(
+  "distributed",
+  "off",
+  ["off", "auto", "explicit"],
+  "Multi-host: 'auto' on Cloud TPU pod slices; 'explicit' with the three flags below.",
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--distributed=explicit).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed=explicit).")
+flags.DEFINE_integer("process_id", None, "This process's index (--distributed=explicit).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -27,6 +36,24 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with an override of a missing config field as one line, not a traceback.
+
+  ml_collections raises a bare AttributeError/KeyError for e.g. `--config.training.nope=1`.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    field = str(e.args[0] if e.args else e).strip("\"'")
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    print(
+      f"error: unknown config field '{field}' in {' '.join(overrides)}; "
+      "see the config file for the valid fields",
+      file=sys.stderr,
+    )
+    sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -34,13 +61,16 @@ def main(argv: list[str]) -> None:
   import jax
   import tensorflow as tf
 
-  from binarydm_jax import train
+  from binarydm_jax import distributed, train
   from binarydm_jax.checkpointing import CheckpointMismatchError
   from binarydm_jax.config_validation import ConfigError
   from binarydm_jax.input_pipeline import DatasetNotFoundError
   from binarydm_jax.loop import NonFiniteLossError
 
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  distributed.initialize(
+    FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  )
   tf.config.set_visible_devices([], "GPU")  # TF only reads data; keep the accelerators for JAX.
   logging.info(
     "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
@@ -53,4 +83,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

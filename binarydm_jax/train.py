@@ -6,6 +6,7 @@ Sections follow big_vision's order: mesh -> data -> model -> sharded init -> ste
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -17,11 +18,12 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, evaluate, optim, sampling, sharding
+from binarydm_jax import diffusion, evaluate, optim, qat, sampling, sharding
 from binarydm_jax.config_validation import validate_config
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.loop import Stage, run_stage
 from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.teacher import assert_same_architecture, load_teacher
 from binarydm_jax.train_state import TrainState, create_train_state, ema_decay_at, ema_update
 
 
@@ -57,7 +59,7 @@ def make_train_step(
     )
     metrics = {
       "loss": loss,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "learning_rate": lr_fn(state.step),
     }
     return new_state, metrics
@@ -95,17 +97,21 @@ def init_train_state(
   return jax.jit(init, out_shardings=sharding.tree_shardings(jax.eval_shape(init), mesh))()
 
 
-def _sample_callback(name, sampler, writer, workdir, grid_size, seed):
-  """Saves a grid of EMA samples as DIR/samples/<name>_<step>.png and a TensorBoard image."""
+def sample_callbacks(config: ml_collections.ConfigDict, workdir: str, writer):
+  """`make(name, sampler)` -> a callback saving EMA sample grids as DIR/samples/<name>_<step>.png
+  and TensorBoard images (the same initial noise every time, so grids are comparable)."""
 
-  def on_sample(state: TrainState, step: int) -> None:
-    images = sampler(state.ema_params, jax.random.PRNGKey(seed), grid_size)
-    grid = sampling.image_grid(images)
-    if jax.process_index() == 0:
-      sampling.save_png(grid, os.path.join(workdir, "samples", f"{name}_{step:07d}.png"))
-    writer.write_images(step, {f"{name}/samples": grid[None]})
+  def make(name: str, sampler) -> Callable[[TrainState, int], None]:
+    def on_sample(state: TrainState, step: int) -> None:
+      images = sampler(state.ema_params, jax.random.PRNGKey(0), config.sampling.grid_size)
+      grid = sampling.image_grid(images)
+      if jax.process_index() == 0:
+        sampling.save_png(grid, os.path.join(workdir, "samples", f"{name}_{step:07d}.png"))
+      writer.write_images(step, {f"{name}/samples": grid[None]})
 
-  return on_sample
+    return on_sample
+
+  return make
 
 
 def train_teacher(
@@ -131,10 +137,9 @@ def train_teacher(
     name="teacher",
     directory=os.path.join(workdir, "teacher"),
     num_steps=config.training.num_steps,
+    batch_size=config.training.batch_size,
     step_fn=step_fn,
-    on_sample=_sample_callback(
-      "teacher", sampler, writer, workdir, config.sampling.grid_size, config.training.seed
-    ),
+    on_sample=sample_callbacks(config, workdir, writer)("teacher", sampler),
   )
   state = run_stage(stage, state, config, dataset, mesh, writer)
   return state.ema_params
@@ -156,6 +161,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   # ---------------------------------------------------------------- Mesh
   mesh = sharding.make_mesh(config.mesh)
+  for key in ("training.batch_size", "qat.batch_size", "eval.batch_size"):
+    section, field = key.split(".")
+    sharding.check_batch_divisible(config[section][field], mesh, f"config.{key}")
   logging.info("Mesh: %s over %d process(es)", dict(mesh.shape), jax.process_count())
   # ---------------------------------------------------------------- Data
   dataset = load_dataset(config.data)
@@ -166,13 +174,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "teacher")):
     writer.write_hparams(_flat_hparams(config))
   # ---------------------------------------------------------------- Teacher
-  teacher_params = train_teacher(config, workdir, mesh, dataset, model, schedule, writer)
-  # ---------------------------------------------------------------- Evaluation
+  if config.teacher.source:
+    teacher_config, teacher_params = load_teacher(config.teacher.source)
+    assert_same_architecture(config.model, teacher_config, config.data.image_size)
+    teacher_params = jax.device_put(teacher_params, sharding.tree_shardings(teacher_params, mesh))
+  else:
+    teacher_params = train_teacher(config, workdir, mesh, dataset, model, schedule, writer)
   results = {
     "teacher": evaluate.evaluate_model(
       "teacher", teacher_params, model, schedule, config, dataset, mesh, workdir, writer
     )
   }
   evaluate.write_results(results, workdir)
+  # ---------------------------------------------------------------- Student (BinaryDM QAT)
+  if config.qat.method != "fp":
+    student, student_params = qat.train_student(
+      config,
+      workdir,
+      mesh,
+      dataset,
+      model,
+      teacher_params,
+      schedule,
+      writer,
+      sample_callbacks(config, workdir, writer),
+    )
+    results["student"] = evaluate.evaluate_model(
+      "student", student_params, student, schedule, config, dataset, mesh, workdir, writer
+    ) | qat.describe_student(config)
+    evaluate.write_results(results, workdir)
   writer.flush()
   return results

@@ -6,6 +6,8 @@ Override any field from the command line, e.g. `--config.training.num_steps=100`
 import ml_collections
 from ml_collections import config_dict
 
+from binarydm_jax.quant import default_quant_config
+
 
 def get_config() -> ml_collections.ConfigDict:
   """The paper's CIFAR-10 DDPM setting; see configs/cifar.py and configs/digits.py."""
@@ -66,6 +68,35 @@ def get_config() -> ml_collections.ConfigDict:
   optim.b2 = 0.999  # Adam beta_2.
   optim.ema_decay = 0.9999  # EMA decay of the params used for sampling (DDPM: 0.9999).
   optim.ema_warmup = False  # Decay min(ema_decay, (1+step)/(10+step)): for short runs.
+
+  # Which layers are binarized and how (paper: W1A4, EBB k=2 in head/tail, FP boundary layers).
+  config.quant = default_quant_config()
+
+  config.qat = qat = ml_collections.ConfigDict()
+  qat.method = "binarydm"  # 'binarydm' (EBB + LRM), 'baseline' (k=1, no LRM) or 'fp' (no student).
+  qat.ebb = config_dict.placeholder(bool)  # Evolvable-Basis Binarizer on/off; None = the method's.
+  qat.lrm = config_dict.placeholder(bool)  # Low-rank representation mimicking; None = the method's.
+  qat.num_steps = 200_000  # QAT steps (paper: ~200K).
+  qat.batch_size = 64  # Global QAT batch (paper, CIFAR-10: 64).
+  qat.learning_rate = 2e-5  # A tenth of DDPM's 2e-4 (paper: 1/10 to 1/100 of the FP rate).
+  qat.warmup_steps = 0  # Linear warmup of the QAT learning rate.
+  qat.b1 = 0.9  # Adam beta_1.
+  qat.b2 = 0.999  # Adam beta_2.
+  qat.weight_decay = 0.0  # AdamW decay (released code: 0.01 on everything, scales included).
+  qat.grad_clip = 1.0  # Global gradient-norm clip.
+  qat.ema_decay = 0.9999  # EMA of the student params used for sampling.
+  qat.ema_warmup = False  # Ramp the EMA decay as min(decay, (1+step)/(10+step)).
+  qat.switch_step = -1  # EBB stage 2 starts here (higher bases removed); -1 = num_steps // 2.
+  qat.ebb_form = (
+    "paper"  # 'paper': L_EBB = tau * mean sigma_II in the loss; 'decoupled': shrinkage.
+  )
+  qat.ebb_tau = 9e-2  # tau of Eq. 9 (paper: 9e-2).
+  qat.ebb_target_ratio = 0.1  # decoupled form: |sigma_II| <= ratio * initial at the switch.
+  qat.lrm_weight = 1e-4  # lambda of Eq. 15 (paper: 1e-4).
+  qat.lrm_reduction = 4  # K: keep round(C / K) principal components (paper: 4).
+  qat.lrm_axis = "channel"  # 'channel' (paper) or 'width' (released code's NCHW reshape).
+  qat.lrm_num_batches = 1  # Teacher batches that fix the PCA projections (paper: the first).
+  qat.seed = 0  # Seed of the QAT noise/dropout.
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ddim"  # 'ddim' or 'ddpm' (ancestral, all T steps).

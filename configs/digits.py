@@ -38,6 +38,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.ema_decay = 0.999
   config.optim.ema_warmup = True
 
+  config.qat.num_steps = 800
+  config.qat.batch_size = 64
+  config.qat.learning_rate = 2e-4
+  config.qat.ema_decay = 0.999
+  config.qat.ema_warmup = True
+
   config.sampling.ddim_steps = 50
 
   config.eval.metric = "digits_fid"
@@ -52,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.training.checkpoint_every = 10
     config.training.sample_every = 20
     config.optim.warmup_steps = 5
+    config.qat.num_steps = 10
+    config.qat.batch_size = 16
     config.sampling.ddim_steps = 5
     config.sampling.grid_size = 16
     config.eval.num_samples = 32

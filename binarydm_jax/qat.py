@@ -1,0 +1,307 @@
+"""The BinaryDM student stage: quantization-aware training from a frozen FP teacher.
+
+student = binarize(teacher) under the quantization policy; loss = L_simple + L_EBB (paper form,
+stage 1) + lambda * L_LRM (paper Eq. 15). The teacher's params enter the jitted step as a separate,
+non-donated argument; the student state is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import metric_writers
+from jax.sharding import Mesh
+
+from binarydm_jax import diffusion, lrm, qat_optim, sampling, sharding
+from binarydm_jax.config_validation import ConfigError
+from binarydm_jax.input_pipeline import ImageDataset
+from binarydm_jax.loop import Stage, run_stage
+from binarydm_jax.quant import PRESETS, binarize, param_labels, policy_from_config, with_policy
+from binarydm_jax.quant.policy import QuantPolicy
+from binarydm_jax.train_state import TrainState, ema_decay_at, ema_update
+
+METHODS = ("binarydm", "baseline", "fp")
+# What a student checkpoint must agree with to be resumed (the number of steps may grow).
+STRUCTURAL_KEYS = (
+  "model",
+  "diffusion",
+  "quant",
+  "qat.method",
+  "qat.ebb",
+  "qat.lrm",
+  "qat.ebb_form",
+  "qat.lrm_axis",
+  "qat.lrm_reduction",
+)
+CALIBRATION_SEED = 7  # Fixed: the student's starting point does not depend on the run's seed.
+
+
+@flax.struct.dataclass
+class QATState(TrainState):
+  """TrainState plus the fixed LRM projections (block name -> (dim, rank); empty without LRM)."""
+
+  projections: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QATSettings:
+  """The resolved ablation switches of `config.qat` (method defaults, then explicit flags)."""
+
+  ebb: bool
+  lrm: bool
+  switch_step: int
+
+
+def resolve_settings(qat_config: ml_collections.ConfigDict) -> QATSettings:
+  """Applies the method's defaults: binarydm = EBB + LRM, baseline = neither."""
+  if qat_config.method not in METHODS:
+    raise ConfigError(f"config.qat.method={qat_config.method!r}: expected one of {METHODS}")
+  default = qat_config.method == "binarydm"
+  ebb = default if qat_config.ebb is None else qat_config.ebb
+  use_lrm = default if qat_config.lrm is None else qat_config.lrm
+  switch = qat_config.switch_step
+  if switch == -1:
+    switch = qat_config.num_steps // 2
+  if not isinstance(switch, int) or switch < 0:
+    raise ConfigError(f"config.qat.switch_step={switch!r}: expected -1 (half) or a step >= 0")
+  return QATSettings(ebb=ebb, lrm=use_lrm, switch_step=switch)
+
+
+def student_policy(
+  config: ml_collections.ConfigDict, settings: QATSettings, model: nn.Module, image_shape
+) -> QuantPolicy:
+  """The quantization policy; without EBB every binarized layer has one basis (the baseline)."""
+  quant_config = ml_collections.ConfigDict(config.quant.to_dict())
+  if not settings.ebb:
+    quant_config.head_tail_bases = quant_config.body_bases
+  try:
+    return policy_from_config(quant_config, model, image_shape)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
+def describe_student(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The student's bit-width and method, for eval.json."""
+  settings = resolve_settings(config.qat)
+  return {
+    "bits": f"W1A{config.quant.act_bits if config.quant.act_bits != -1 else PRESETS[config.quant.preset][0]}",
+    "method": config.qat.method,
+    "ebb": settings.ebb,
+    "lrm": settings.lrm,
+    "qat_steps": config.qat.num_steps,
+  }
+
+
+def collapse_higher_scales(params: Any, collapsed: jnp.ndarray) -> Any:
+  """Sets sigma_II, sigma_III, ... to exactly 0 where `collapsed` (EBB stage 2)."""
+  labels = param_labels(params)
+  return jax.tree.map(
+    lambda p, label: jnp.where(collapsed, jnp.zeros_like(p), p) if label == "scale_higher" else p,
+    params,
+    labels,
+  )
+
+
+def make_qat_step(
+  student: nn.Module,
+  teacher: nn.Module,
+  schedule: diffusion.Schedule,
+  tx: optax.GradientTransformation,
+  qat_config: ml_collections.ConfigDict,
+  settings: QATSettings,
+):
+  """The QAT step `(state, teacher_params, batch) -> (state, metrics)`."""
+  paper_penalty = settings.ebb and qat_config.ebb_form == "paper"
+
+  def qat_step(state: QATState, teacher_params: Any, batch: jax.Array):
+    noise_rng, dropout_rng = jax.random.split(state.step_rng())
+    x_t, t, noise = diffusion.noisy_inputs(schedule, batch, noise_rng)
+    stage1 = state.step < settings.switch_step
+    if settings.lrm:
+      _, teacher_vars = teacher.apply(
+        {"params": teacher_params}, x_t, t, train=False, mutable=["intermediates"]
+      )
+      teacher_features = jax.lax.stop_gradient(lrm.block_features(teacher_vars["intermediates"]))
+
+    def loss_fn(params):
+      eps, student_vars = student.apply(
+        {"params": params},
+        x_t,
+        t,
+        train=True,
+        rngs={"dropout": dropout_rng},
+        mutable=["intermediates"],
+      )
+      terms = {"loss_simple": diffusion.eps_mse(eps, noise)}
+      total = terms["loss_simple"]
+      if paper_penalty:
+        terms["loss_ebb"] = qat_config.ebb_tau * qat_optim.ebb_penalty(params) * stage1
+        total = total + terms["loss_ebb"]
+      if settings.lrm:
+        terms["loss_lrm"] = lrm.lrm_loss(
+          lrm.block_features(student_vars["intermediates"]),
+          teacher_features,
+          state.projections,
+          qat_config.lrm_axis,
+        )
+        total = total + qat_config.lrm_weight * terms["loss_lrm"]
+      return total, terms
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    collapsed = state.step + 1 >= settings.switch_step
+    ema = ema_update(
+      state.ema_params,
+      params,
+      ema_decay_at(state.step, qat_config.ema_decay, qat_config.ema_warmup),
+    )
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      opt_state=opt_state,
+      ema_params=collapse_higher_scales(ema, collapsed),
+    )
+    metrics = {
+      "loss": loss,
+      **terms,
+      "grad_norm": optax.tree.norm(grads),
+      "mean_abs_sigma_II": qat_optim.mean_abs_higher_scale(params),
+      "ebb_stage": jnp.where(stage1, 1, 2),
+    }
+    return new_state, metrics
+
+  return qat_step
+
+
+def jit_qat_step(qat_step, mesh: Mesh, state: QATState, teacher_params: Any):
+  """Compiles the step: student state donated, teacher params a separate non-donated input."""
+  state_sharding = sharding.tree_shardings(state, mesh)
+  return jax.jit(
+    qat_step,
+    in_shardings=(
+      state_sharding,
+      sharding.tree_shardings(teacher_params, mesh),
+      sharding.data_sharding(mesh),
+    ),
+    out_shardings=(state_sharding, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+
+
+def _noised_batches(dataset, schedule, config, mesh, count: int, batch_size: int):
+  """`count` deterministic (x_t, t) batches of real training data for calibration and PCA."""
+  out = []
+  for i in range(count):
+    x0 = sharding.global_batch(dataset.batch(i, batch_size), mesh)
+    x_t, t, _ = diffusion.noisy_inputs(
+      schedule, x0, jax.random.fold_in(jax.random.PRNGKey(CALIBRATION_SEED), i)
+    )
+    out.append((x_t, t))
+  return out
+
+
+def fit_lrm_projections(
+  teacher: nn.Module, teacher_params: Any, batches, qat_config: ml_collections.ConfigDict
+) -> dict[str, jax.Array]:
+  """PCA projections of the teacher's block outputs on the first batches, kept fixed afterwards."""
+
+  @jax.jit
+  def features(x_t, t):
+    _, variables = teacher.apply(
+      {"params": teacher_params}, x_t, t, train=False, mutable=["intermediates"]
+    )
+    return lrm.block_features(variables["intermediates"])
+
+  return lrm.fit_projections(
+    [features(x_t, t) for x_t, t in batches], qat_config.lrm_reduction, qat_config.lrm_axis
+  )
+
+
+def init_qat_state(
+  student: nn.Module,
+  teacher: nn.Module,
+  teacher_params: Any,
+  policy: QuantPolicy,
+  tx: optax.GradientTransformation,
+  batches,
+  config: ml_collections.ConfigDict,
+  settings: QATSettings,
+  mesh: Mesh,
+) -> QATState:
+  """Student params from the teacher (binarize + calibration), LRM projections, optimizer state."""
+  x_t, t = batches[0]
+  params = binarize(teacher_params, policy, (x_t, t), model=teacher)
+  projections = (
+    fit_lrm_projections(teacher, teacher_params, batches, config.qat) if settings.lrm else {}
+  )
+
+  def init(params, projections):
+    return QATState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      ema_params=params,
+      rng=jax.random.PRNGKey(config.qat.seed),
+      projections=projections,
+    )
+
+  abstract = jax.eval_shape(init, params, projections)
+  return jax.jit(init, out_shardings=sharding.tree_shardings(abstract, mesh))(params, projections)
+
+
+def train_student(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mesh: Mesh,
+  dataset: ImageDataset,
+  teacher: nn.Module,
+  teacher_params: Any,
+  schedule: diffusion.Schedule,
+  writer: metric_writers.MetricWriter,
+  on_sample_factory,
+) -> tuple[nn.Module, Any]:
+  """Runs QAT in WORKDIR/student (resuming if possible); returns (student model, EMA params)."""
+  settings = resolve_settings(config.qat)
+  image_shape = dataset.train.shape[1:]
+  policy = student_policy(config, settings, teacher, image_shape)
+  student = with_policy(teacher, policy)
+  lr = optax.linear_schedule(0.0, config.qat.learning_rate, max(config.qat.warmup_steps, 1))
+  qat_config = ml_collections.ConfigDict(config.qat.to_dict())
+  qat_config.switch_step = settings.switch_step
+  if not settings.ebb:
+    qat_config.ebb_form = "none"
+  tx = qat_optim.make_qat_optimizer(qat_config, lr)
+  sharding.check_batch_divisible(config.qat.batch_size, mesh, "config.qat.batch_size")
+  batches = _noised_batches(
+    dataset, schedule, config, mesh, max(config.qat.lrm_num_batches, 1), config.qat.batch_size
+  )
+  state = init_qat_state(
+    student, teacher, teacher_params, policy, tx, batches, config, settings, mesh
+  )
+  step = jit_qat_step(
+    make_qat_step(student, teacher, schedule, tx, qat_config, settings),
+    mesh,
+    state,
+    teacher_params,
+  )
+  stage = Stage(
+    name="student",
+    directory=os.path.join(workdir, "student"),
+    num_steps=config.qat.num_steps,
+    batch_size=config.qat.batch_size,
+    step_fn=lambda state, batch: step(state, teacher_params, batch),
+    on_sample=on_sample_factory(
+      "student", sampling.make_sampler(student, schedule, config.sampling, mesh, image_shape)
+    ),
+  )
+  state = run_stage(stage, state, config, dataset, mesh, writer)
+  return student, state.ema_params

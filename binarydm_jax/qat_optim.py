@@ -1,0 +1,120 @@
+"""The QAT optimizer: `optax.partition` over labelled param groups, with basis evolution (EBB).
+
+Groups come from `quant.param_group`: latent kernels, first-order scales, higher-order scales,
+activation steps and the rest (biases, norms). All are trained with Adam; the higher-order scales
+(sigma_II, sigma_III) additionally evolve away (paper §3.2):
+
+- stage 1 (step < switch): `paper` form: only the loss term L_EBB = tau * mean_i sigma_II^i
+  (`ebb_penalty`) pushes them down; `decoupled` form: a shrinkage applied outside Adam's
+  normalisation, with an envelope that guarantees |sigma| <= target * |sigma_0| at the switch;
+- stage 2 (step >= switch): the update is -params, so the scales become exactly 0 at the switch
+  and stay 0: the model is a pure single-basis 1-bit network from then on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from binarydm_jax.quant import param_labels
+
+REGULARIZERS = ("paper", "decoupled", "none")
+
+
+class EvolveState(NamedTuple):
+  """Step counter and |sigma| at the start of QAT (for the decoupled envelope)."""
+
+  count: jnp.ndarray
+  initial_magnitude: Any
+
+
+def evolve_higher_scales(
+  inner: optax.GradientTransformation, switch_step: int, form: str, target_ratio: float
+) -> optax.GradientTransformation:
+  """Wraps `inner` (Adam) for the higher-order scales: shrink in stage 1, exactly 0 in stage 2."""
+  if form not in REGULARIZERS:
+    raise ValueError(f"config.qat.ebb_form={form!r}: expected one of {REGULARIZERS}")
+  # Per-step multiplicative decay that reaches `target_ratio` after `switch_step` steps.
+  decay = target_ratio ** (1.0 / max(switch_step, 1))
+
+  def init(params):
+    return (
+      EvolveState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.abs, params)),
+      inner.init(params),
+    )
+
+  def update(updates, state, params):
+    evolve, inner_state = state
+    updates, inner_state = inner.update(updates, inner_state, params)
+    if form == "decoupled":
+      envelope = decay ** (evolve.count + 1).astype(jnp.float32)
+
+      def shrink(u, p, p0):
+        new = jnp.clip(decay * (p + u), -envelope * p0, envelope * p0)
+        return new - p
+
+      updates = jax.tree.map(shrink, updates, params, evolve.initial_magnitude)
+    collapsed = evolve.count >= switch_step
+    updates = jax.tree.map(lambda u, p: jnp.where(collapsed, -p, u), updates, params)
+    return updates, (evolve._replace(count=evolve.count + 1), inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_qat_optimizer(
+  qat_config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
+  """clip_by_global_norm -> optax.partition (alias multi_transform) over the param groups."""
+
+  def adam():
+    return optax.adamw(
+      learning_rate, b1=qat_config.b1, b2=qat_config.b2, weight_decay=qat_config.weight_decay
+    )
+
+  transforms = {
+    "kernel": adam(),
+    "scale_first": adam(),
+    "act_quant": adam(),
+    "other": adam(),
+    "scale_higher": evolve_higher_scales(
+      adam(), qat_config.switch_step, qat_config.ebb_form, qat_config.ebb_target_ratio
+    ),
+  }
+  return optax.chain(
+    optax.clip_by_global_norm(qat_config.grad_clip),
+    optax.partition(transforms, param_labels),
+  )
+
+
+def higher_scales(params: Any) -> list[jnp.ndarray]:
+  """The sigma_II, sigma_III, ... leaves of `params`, one array per layer and basis."""
+  labels = param_labels(params)
+  return [
+    p
+    for p, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels), strict=True)
+    if label == "scale_higher"
+  ]
+
+
+def ebb_penalty(params: Any) -> jnp.ndarray:
+  """(1/N) sum_i sigma_II^i over the N layers with higher-order scales (paper Eq. 9, without tau).
+
+  sigma_II is per output channel; each layer contributes its channel mean (the paper leaves the
+  reduction unspecified). Zero when no layer has higher-order scales.
+  """
+  scales = higher_scales(params)
+  if not scales:
+    return jnp.zeros(())
+  return jnp.mean(jnp.stack([jnp.mean(s) for s in scales]))
+
+
+def mean_abs_higher_scale(params: Any) -> jnp.ndarray:
+  """Mean |sigma_II| over layers, for logging the evolution."""
+  scales = higher_scales(params)
+  if not scales:
+    return jnp.zeros(())
+  return jnp.mean(jnp.stack([jnp.mean(jnp.abs(s)) for s in scales]))

@@ -1,0 +1,188 @@
+"""BinaryDM QAT: basis evolution (EBB), the optimizer partition, the sharded step, resume."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from binarydm_jax import diffusion, qat, qat_optim, sharding
+from binarydm_jax.input_pipeline import load_dataset
+from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.quant import param_labels, with_policy
+from configs import digits
+
+
+def tiny_config(**qat_overrides):
+  config = digits.get_config("smoke")
+  config.data.image_size = 8
+  config.model.ch = 16
+  config.model.ch_mult = (1, 2)
+  config.model.attn_resolutions = (4,)
+  config.qat.batch_size = 8
+  config.qat.num_steps = 6
+  config.qat.learning_rate = 1e-2
+  config.qat.ebb_tau = 1.0
+  for key, value in qat_overrides.items():
+    config.qat[key] = value
+  return config
+
+
+def setup(config, mesh_config=None):
+  """Teacher (random init), student state and the jitted QAT step on a mesh."""
+  mesh = sharding.make_mesh(mesh_config or ml_collections.ConfigDict({"data": 1, "fsdp": 1}))
+  dataset = load_dataset(config.data)
+  teacher = unet_from_config(config.model)
+  image_shape = dataset.train.shape[1:]
+  teacher_params = teacher.init(
+    jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32)
+  )["params"]
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  settings = qat.resolve_settings(config.qat)
+  policy = qat.student_policy(config, settings, teacher, image_shape)
+  student = with_policy(teacher, policy)
+  qat_config = ml_collections.ConfigDict(config.qat.to_dict())
+  qat_config.switch_step = settings.switch_step
+  tx = qat_optim.make_qat_optimizer(qat_config, config.qat.learning_rate)
+  batches = qat._noised_batches(dataset, schedule, config, mesh, 1, config.qat.batch_size)
+  state = qat.init_qat_state(
+    student, teacher, teacher_params, policy, tx, batches, config, settings, mesh
+  )
+  step = qat.jit_qat_step(
+    qat.make_qat_step(student, teacher, schedule, tx, qat_config, settings),
+    mesh,
+    state,
+    teacher_params,
+  )
+
+  def run(state, n, start=0):
+    history = []
+    for i in range(start, start + n):
+      batch = sharding.global_batch(dataset.batch(i, config.qat.batch_size), mesh)
+      state, metrics = step(state, teacher_params, batch)
+      history.append(jax.device_get(metrics))
+    return state, history
+
+  return state, run, student, teacher, teacher_params, dataset
+
+
+def higher(params):
+  return qat_optim.higher_scales(params)
+
+
+def drop_higher(tree):
+  """The params of the same student with one basis: scale_2/scale_3 leaves removed."""
+  if isinstance(tree, dict):
+    return {k: drop_higher(v) for k, v in tree.items() if k not in ("scale_2", "scale_3")}
+  return tree
+
+
+def test_binarydm_evolves_to_a_pure_single_basis_model():
+  config = tiny_config(ebb_form="paper", switch_step=4, num_steps=6)
+  state, run, student, teacher, _, dataset = setup(config)
+  labels = set(jax.tree.leaves(param_labels(state.params)))
+  assert labels == {"kernel", "scale_first", "scale_higher", "act_quant", "other"}
+  # LRM: one fixed projection per UNet block (input 0..3, middle, output 0..3 here).
+  assert set(state.projections) == {
+    *(f"input_blocks_{i}" for i in range(4)),
+    "middle_block",
+    *(f"output_blocks_{i}" for i in range(4)),
+  }
+  projections = jax.device_get(state.projections)
+  initial = [np.abs(np.asarray(s)) for s in higher(state.params)]
+  assert initial, "the default policy must give the head/tail layers a second basis"
+
+  state, history = run(state, 4)
+  assert [m["ebb_stage"] for m in history] == [1, 1, 1, 1]
+  assert all(m["loss_lrm"] > 0 and m["loss_ebb"] > 0 for m in history)
+  shrunk = [np.abs(np.asarray(s)) for s in higher(state.params)]
+  assert np.mean([s.mean() for s in shrunk]) < np.mean([s.mean() for s in initial])
+
+  # The step that reaches the switch removes the higher bases; they stay exactly zero.
+  state, history = run(state, 2, start=4)
+  assert [m["ebb_stage"] for m in history] == [2, 2]
+  assert [m["loss_ebb"] for m in history] == [0.0, 0.0]
+  for tree in (state.params, state.ema_params):
+    for s in higher(tree):
+      assert np.all(np.asarray(s) == 0.0)
+  for name, value in jax.device_get(state.projections).items():
+    np.testing.assert_array_equal(value, projections[name])
+
+  # ... and the model is then exactly the single-basis (k = 1) binarized UNet.
+  one_basis = qat.student_policy(
+    config, qat.QATSettings(ebb=False, lrm=True, switch_step=4), teacher, (8, 8, 1)
+  )
+  x = jnp.asarray(dataset.heldout[:4])
+  t = jnp.array([10, 200, 500, 900])
+  out = student.apply({"params": state.params}, x, t)
+  out_k1 = with_policy(teacher, one_basis).apply(
+    {"params": drop_higher(jax.device_get(state.params))}, x, t
+  )
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(out_k1))
+
+
+def test_decoupled_form_reaches_the_target_ratio_by_the_switch():
+  config = tiny_config(ebb_form="decoupled", switch_step=3, num_steps=4)
+  state, run, *_ = setup(config)
+  initial = [np.abs(np.asarray(s)) for s in higher(state.params)]
+  state, history = run(state, 3)
+  assert "loss_ebb" not in history[0]  # Not a loss term in this form.
+  for s, s0 in zip(higher(state.params), initial, strict=True):
+    assert np.all(np.abs(np.asarray(s)) <= config.qat.ebb_target_ratio * s0 + 1e-7)
+  state, _ = run(state, 1, start=3)
+  assert all(np.all(np.asarray(s) == 0.0) for s in higher(state.params))
+
+
+def test_baseline_has_no_higher_bases_no_lrm_and_no_penalty():
+  config = tiny_config(method="baseline")
+  state, run, *_ = setup(config)
+  assert higher(state.params) == []
+  assert state.projections == {}
+  _, history = run(state, 1)
+  assert "loss_lrm" not in history[0] and "loss_ebb" not in history[0]
+
+
+@pytest.fixture(scope="module")
+def single_device_step():
+  """One W1A32 QAT step on one device: the reference for the sharded layouts."""
+  config = tiny_config()
+  config.quant.preset = "W1A32"  # No activation rounding: float-order noise cannot flip a level.
+  state, run, *_ = setup(config)
+  state, history = run(state, 1)
+  return config, jax.device_get(state.params), history[0]
+
+
+@pytest.mark.parametrize("mesh", [{"data": 8, "fsdp": 1}, {"data": 2, "fsdp": 4}])
+def test_sharded_step_equals_single_device(mesh, single_device_step):
+  config, single_params, single_metrics = single_device_step
+  sharded, run8, *_ = setup(config, ml_collections.ConfigDict(mesh))
+  if mesh["fsdp"] > 1:
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(sharded.params)}
+    assert any("fsdp" in s for s in specs), specs
+  sharded, hist8 = run8(sharded, 1)
+  np.testing.assert_allclose(single_metrics["loss"], hist8[0]["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(single_params), jax.tree.leaves(sharded.params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_switch_step_defaults_to_half_and_bad_values_are_config_errors():
+  assert qat.resolve_settings(tiny_config(num_steps=10).qat).switch_step == 5
+  with pytest.raises(qat.ConfigError, match="config.qat.method"):
+    qat.resolve_settings(tiny_config(method="xnor").qat)
+  with pytest.raises(qat.ConfigError, match="config.qat.switch_step"):
+    qat.resolve_settings(tiny_config(switch_step=-5).qat)
+
+
+def test_decoupled_transform_alone_respects_the_envelope():
+  tx = qat_optim.evolve_higher_scales(
+    optax.sgd(0.0), switch_step=10, form="decoupled", target_ratio=0.1
+  )
+  params = {"s": jnp.array([0.5, -0.2, 0.0])}
+  state = tx.init(params)
+  for _ in range(10):
+    updates, state = tx.update({"s": jnp.array([-1.0, 1.0, 1.0])}, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(np.abs(params["s"]), [0.05, 0.02, 0.0], rtol=1e-4)
+  updates, state = tx.update({"s": jnp.ones(3)}, state, params)
+  assert np.all(np.asarray(optax.apply_updates(params, updates)["s"]) == 0.0)

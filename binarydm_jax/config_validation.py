@@ -57,9 +57,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config, "model.dropout", lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)")
   _check(config, "model.dtype", *_one_of(("float32", "bfloat16", "float16")))
   _check(config, "model.downsample_padding", *_one_of(("asymmetric", "symmetric")))
+  _check(config, "model.norm_groups", _positive_int, "a positive int")
   groups = config.model.norm_groups
   for mult in config.model.ch_mult:
-    if _positive_int(groups) and (config.model.ch * mult) % groups:
+    if (config.model.ch * mult) % groups:
       raise ConfigError(
         f"config.model.norm_groups={groups!r}: must divide every level's channels "
         f"(model.ch * ch_mult = {config.model.ch * mult})"
@@ -70,6 +71,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"config.data.image_size={config.data.image_size}: must be divisible by 2**{levels} "
       f"(len(model.ch_mult) - 1 downsamplings)"
     )
+  heads = config.model.get("num_head_channels", -1)
+  _check(
+    config,
+    "model.num_head_channels",
+    lambda v: v == -1 or _positive_int(v),
+    "-1 (one head) or a positive int",
+  )
+  for level, mult in enumerate(config.model.ch_mult):
+    attn = config.data.image_size // 2**level in config.model.attn_resolutions
+    if heads != -1 and (attn or level == levels) and (config.model.ch * mult) % heads:
+      raise ConfigError(
+        f"config.model.num_head_channels={heads}: must divide the channels of every attention "
+        f"layer (model.ch * ch_mult = {config.model.ch * mult})"
+      )
+  _check(config, "diffusion.beta_schedule", *_one_of(("linear",)))
   _check(config, "diffusion.num_timesteps", _positive_int, "a positive int")
   _check(
     config,
@@ -84,6 +100,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config, "optim.warmup_steps", _non_negative_int, "a non-negative int")
   _check(config, "optim.ema_decay", lambda v: 0.0 <= v < 1.0, "a decay in [0, 1)")
   _check(config, "optim.ema_warmup", lambda v: isinstance(v, bool), "True or False")
+  _validate_qat(config)
   _check(config, "sampling.sampler", *_one_of(("ddim", "ddpm")))
   _check(
     config,
@@ -105,3 +122,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config, "mesh.data", lambda v: v == -1 or _positive_int(v), "-1 (all devices) or a positive int"
   )
   _check(config, "mesh.fsdp", _positive_int, "a positive int")
+
+
+def _validate_qat(config: ml_collections.ConfigDict) -> None:
+  """The `qat` section (the `quant` section is checked when its policy is built)."""
+  _check(config, "qat.method", *_one_of(("binarydm", "baseline", "fp")))
+  for key in ("ebb", "lrm"):
+    _check(config, f"qat.{key}", lambda v: v is None or isinstance(v, bool), "None, True or False")
+  for key in ("batch_size", "lrm_reduction", "lrm_num_batches"):
+    _check(config, f"qat.{key}", _positive_int, "a positive int")
+  for key in ("num_steps", "warmup_steps"):
+    _check(config, f"qat.{key}", _non_negative_int, "a non-negative int")
+  _check(config, "qat.learning_rate", lambda v: v > 0, "a positive float")
+  _check(config, "qat.weight_decay", lambda v: v >= 0, "a float >= 0")
+  _check(config, "qat.ema_decay", lambda v: 0.0 <= v < 1.0, "a decay in [0, 1)")
+  _check(config, "qat.ema_warmup", lambda v: isinstance(v, bool), "True or False")
+  _check(
+    config,
+    "qat.switch_step",
+    lambda v: v == -1 or _non_negative_int(v),
+    "-1 (half of qat.num_steps) or a step >= 0",
+  )
+  _check(config, "qat.ebb_form", *_one_of(("paper", "decoupled")))
+  _check(config, "qat.ebb_tau", lambda v: v >= 0, "a float >= 0")
+  _check(config, "qat.ebb_target_ratio", lambda v: 0.0 < v < 1.0, "a ratio in (0, 1)")
+  _check(config, "qat.lrm_weight", lambda v: v >= 0, "a float >= 0")
+  _check(config, "qat.lrm_axis", *_one_of(("channel", "width")))

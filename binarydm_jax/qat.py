@@ -62,7 +62,7 @@ class QATSettings:
 
 def resolve_settings(qat_config: ml_collections.ConfigDict) -> QATSettings:
   """Applies the method's defaults: binarydm = EBB + LRM, baseline = neither."""
-  if qat_config.method not in METHODS:
+  if qat_config.method not in METHODS:  # Also checked by validate_config; this is public API.
     raise ConfigError(f"config.qat.method={qat_config.method!r}: expected one of {METHODS}")
   default = qat_config.method == "binarydm"
   ebb = default if qat_config.ebb is None else qat_config.ebb
@@ -197,7 +197,9 @@ def jit_qat_step(qat_step, mesh: Mesh, state: QATState, teacher_params: Any):
   )
 
 
-def _noised_batches(dataset, schedule, config, mesh, count: int, batch_size: int):
+def noised_batches(
+  dataset: ImageDataset, schedule: diffusion.Schedule, mesh: Mesh, count: int, batch_size: int
+) -> list[tuple[jax.Array, jax.Array]]:
   """`count` deterministic (x_t, t) batches of real training data for calibration and PCA."""
   out = []
   for i in range(count):
@@ -281,8 +283,8 @@ def train_student(
     qat_config.ebb_form = "none"
   tx = qat_optim.make_qat_optimizer(qat_config, lr)
   sharding.check_batch_divisible(config.qat.batch_size, mesh, "config.qat.batch_size")
-  batches = _noised_batches(
-    dataset, schedule, config, mesh, max(config.qat.lrm_num_batches, 1), config.qat.batch_size
+  batches = noised_batches(
+    dataset, schedule, mesh, max(config.qat.lrm_num_batches, 1), config.qat.batch_size
   )
   state = init_qat_state(
     student, teacher, teacher_params, policy, tx, batches, config, settings, mesh

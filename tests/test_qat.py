@@ -45,7 +45,7 @@ def setup(config, mesh_config=None):
   qat_config = ml_collections.ConfigDict(config.qat.to_dict())
   qat_config.switch_step = settings.switch_step
   tx = qat_optim.make_qat_optimizer(qat_config, config.qat.learning_rate)
-  batches = qat._noised_batches(dataset, schedule, config, mesh, 1, config.qat.batch_size)
+  batches = qat.noised_batches(dataset, schedule, mesh, 1, config.qat.batch_size)
   state = qat.init_qat_state(
     student, teacher, teacher_params, policy, tx, batches, config, settings, mesh
   )

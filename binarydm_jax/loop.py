@@ -34,8 +34,9 @@ class Stage:
   batch_size: int
   step_fn: StepFn
   on_sample: Callable[[Any, int], None]
-  # Config sections (or `section.key`s) that a checkpoint of this stage must agree with.
-  structural_keys: tuple[str, ...] = ("model", "diffusion")
+  # Config sections (or `section.key`s) that a checkpoint of this stage must agree with. The
+  # image size decides which levels get attention (model.attn_resolutions), i.e. the param tree.
+  structural_keys: tuple[str, ...] = ("model", "diffusion", "data.image_size")
 
 
 def _summarise(pending: list[dict[str, jax.Array]]) -> dict[str, float]:

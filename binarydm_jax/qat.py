@@ -33,6 +33,7 @@ METHODS = ("binarydm", "baseline", "fp")
 STRUCTURAL_KEYS = (
   "model",
   "diffusion",
+  "data.image_size",
   "quant",
   "qat.method",
   "qat.ebb",

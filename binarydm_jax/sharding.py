@@ -15,6 +15,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from binarydm_jax.config_validation import ConfigError
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
@@ -27,12 +29,12 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = Non
   devices = list(devices if devices is not None else jax.devices())
   fsdp = mesh_config.get("fsdp", 1)
   if not isinstance(fsdp, int) or fsdp < 1 or len(devices) % fsdp:
-    raise ValueError(
+    raise ConfigError(
       f"config.mesh.fsdp={fsdp!r}: expected a positive divisor of the {len(devices)} devices"
     )
   data = len(devices) // fsdp if mesh_config.data == -1 else mesh_config.data
   if not isinstance(data, int) or data < 1 or data * fsdp > len(devices):
-    raise ValueError(
+    raise ConfigError(
       f"config.mesh.data={mesh_config.data!r}: expected -1 or 1..{len(devices) // fsdp} "
       f"({len(devices)} devices, mesh.fsdp={fsdp})"
     )
@@ -83,7 +85,7 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, key: str) -> None:
   """Raises a one-line error when the batch cannot be split evenly over devices and processes."""
   n = mesh.devices.size
   if batch_size % n or batch_size % jax.process_count():
-    raise ValueError(
+    raise ConfigError(
       f"{key}={batch_size} must be divisible by the {n} devices of the mesh "
       f"and the {jax.process_count()} processes"
     )

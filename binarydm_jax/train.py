@@ -27,6 +27,10 @@ from binarydm_jax.teacher import assert_same_architecture, load_teacher
 from binarydm_jax.train_state import TrainState, create_train_state, ema_decay_at, ema_update
 
 
+# fold_in index of the params-init key: steps use fold_in(rng, step) with step < 2**31 - 1.
+INIT_STREAM = 2**31 - 1
+
+
 def make_train_step(
   model: nn.Module,
   schedule: diffusion.Schedule,
@@ -90,7 +94,7 @@ def init_train_state(
 
   def init():
     params = model.init(
-      jax.random.fold_in(rng, 0), jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32)
+      jax.random.fold_in(rng, INIT_STREAM), jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32)
     )["params"]
     return create_train_state(params, tx, rng)
 
@@ -161,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   # ---------------------------------------------------------------- Mesh
   mesh = sharding.make_mesh(config.mesh)
-  for key in ("training.batch_size", "qat.batch_size", "eval.batch_size"):
+  for key in ("training.batch_size", "qat.batch_size", "eval.batch_size", "sampling.grid_size"):
     section, field = key.split(".")
     sharding.check_batch_divisible(config[section][field], mesh, f"config.{key}")
   logging.info("Mesh: %s over %d process(es)", dict(mesh.shape), jax.process_count())

@@ -109,7 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.metric = "none"  # 'digits_fid' (offline) or 'none' (Inception FID: later release).
   evaluation.num_samples = 1000  # Generated samples per evaluated model.
-  evaluation.batch_size = 250  # Sampling batch for evaluation (global).
+  evaluation.batch_size = 256  # Global sampling batch (a power of 2, so it splits over 8 devices).
   evaluation.cache_dir = config_dict.placeholder(
     str
   )  # Feature-extractor cache; None = ~/.cache/binarydm_jax.

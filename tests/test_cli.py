@@ -1,0 +1,132 @@
+"""The real command line, `python -m binarydm_jax.main`, in a subprocess.
+
+The subprocesses see the 8 simulated devices of conftest.py and share this session's persistent
+XLA compilation cache with test_train.py (whose job runs the same programs), so only the first of
+the two compiles them.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def session_dir(tmp_path_factory):
+  return tmp_path_factory.getbasetemp()
+
+
+def run_main(args, session_dir, timeout=300):
+  env = dict(os.environ)
+  env.update(
+    JAX_PLATFORMS="cpu",
+    JAX_COMPILATION_CACHE_DIR=str(session_dir / "jax_compilation_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  return subprocess.run(
+    [sys.executable, "-m", "binarydm_jax.main", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def _error_lines(stderr):
+  return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def _check_eval_json(workdir):
+  with open(workdir / "eval.json") as f:
+    results = json.load(f)
+  teacher = results["teacher"]
+  assert math.isfinite(teacher["fid"])
+  assert teacher["num_samples"] == 32
+  assert teacher["feature_extractor"] == "digits_cnn_v1_16px"
+  assert (workdir / "samples" / "teacher_final.png").exists()
+  return results
+
+
+def test_smoke_job_teacher(tmp_path, session_dir):
+  """The FP job (teacher + evaluation) of the smoke config, cut to 10 steps."""
+  workdir = tmp_path / "smoke"
+  args = [
+    "--config=configs/digits.py:smoke",
+    f"--workdir={workdir}",
+    # As test_train.py's job (same programs, so one of the two compiles them).
+    "--config.training.num_steps=10",
+    "--config.training.checkpoint_every=5",
+    "--config.sampling.grid_size=32",
+    f"--config.eval.cache_dir={session_dir / 'digits_classifier'}",
+  ]
+  if "qat" in digits.get_config("smoke"):
+    args.append("--config.qat.method=fp")  # the student stage has its own tests
+  result = run_main(args, session_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  _check_eval_json(workdir)
+  assert sorted(os.listdir(workdir / "teacher")) == ["10", "5"]
+
+
+@pytest.mark.slow
+def test_smoke_job_as_documented(tmp_path, session_dir):
+  """The exact command of configs/digits.py's docstring (every stage; minutes on 2 cores)."""
+  workdir = tmp_path / "smoke"
+  result = run_main(
+    ["--config=configs/digits.py:smoke", f"--workdir={workdir}"], session_dir, timeout=900
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  _check_eval_json(workdir)
+
+
+def test_unknown_config_field(tmp_path, session_dir):
+  result = run_main(
+    ["--config=configs/digits.py:smoke", f"--workdir={tmp_path}", "--config.training.nope=1"],
+    session_dir,
+  )
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr
+  assert _error_lines(result.stderr) == [
+    "error: unknown config field 'nope' in --config.training.nope; "
+    "see the config file for the valid fields"
+  ]
+  assert os.listdir(tmp_path) == []
+
+
+def test_bad_config_value(tmp_path, session_dir):
+  result = run_main(
+    ["--config=configs/digits.py:smoke", f"--workdir={tmp_path}", "--config.data.name=mnist"],
+    session_dir,
+  )
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr
+  (line,) = _error_lines(result.stderr)
+  assert line.startswith("error: config.data.name='mnist': expected one of")
+  assert os.listdir(tmp_path) == []
+
+
+def test_missing_cifar10_data_dir(tmp_path, session_dir):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  result = run_main(
+    [
+      "--config=configs/cifar.py",
+      f"--workdir={tmp_path / 'work'}",
+      f"--config.data.data_dir={empty}",
+    ],
+    session_dir,
+    timeout=120,  # no network look-ups: a missing dataset fails at once
+  )
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr
+  (line,) = _error_lines(result.stderr)
+  assert line.startswith(f"error: CIFAR-10 is not prepared in {empty}")
+  assert f"--config.data.data_dir={empty}" in line
+  assert os.listdir(empty) == []  # nothing downloaded or created

@@ -26,7 +26,6 @@ from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.teacher import assert_same_architecture, load_teacher
 from binarydm_jax.train_state import TrainState, create_train_state, ema_decay_at, ema_update
 
-
 # fold_in index of the params-init key: steps use fold_in(rng, step) with step < 2**31 - 1.
 INIT_STREAM = 2**31 - 1
 

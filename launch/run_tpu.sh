@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the job on every worker of a TPU VM; jax.distributed connects them (--distributed=auto).
-#   bash launch/run_tpu.sh NAME ZONE WORKDIR [extra flags, e.g. --config.teacher.source=gs://...]
+#   bash launch/run_tpu.sh NAME ZONE WORKDIR [extra flags, e.g. --config.teacher.source=/mnt/teachers/ddpm-cifar10-32-flax]
 # WORKDIR must be one directory shared by all workers on multi-host slices (e.g. a gcsfuse or
 # Filestore mount); gs:// URLs are not supported yet (samples and eval.json use local file I/O).
 set -euo pipefail

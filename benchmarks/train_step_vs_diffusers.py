@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags
 
+from binarydm_jax.convert.diffusers_unet import DDPM_CIFAR10_CONFIG
+
 _CONFIG = flags.DEFINE_enum("config", "cifar", ["cifar", "small"], "UNet2DModel config.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Batch size of one train step.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds per framework.")
@@ -30,23 +32,7 @@ _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON f
 
 # google/ddpm-cifar10-32's config.json (DDPM's CIFAR-10 UNet, 35.7M params), plus dropout 0.1.
 CIFAR10 = {
-  "act_fn": "silu",
-  "attention_head_dim": None,
-  "block_out_channels": [128, 256, 256, 256],
-  "center_input_sample": False,
-  "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-  "downsample_padding": 0,
-  "flip_sin_to_cos": False,
-  "freq_shift": 1,
-  "in_channels": 3,
-  "layers_per_block": 2,
-  "mid_block_scale_factor": 1,
-  "norm_eps": 1e-06,
-  "norm_num_groups": 32,
-  "out_channels": 3,
-  "sample_size": 32,
-  "time_embedding_type": "positional",
-  "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+  **{k: v for k, v in DDPM_CIFAR10_CONFIG.items() if k != "_class_name"},
   "dropout": 0.1,
 }
 SMALL = {

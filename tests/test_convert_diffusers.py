@@ -7,39 +7,18 @@ import json
 import subprocess
 import sys
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
 
 from binarydm_jax import diffusion, teacher  # noqa: E402
 from binarydm_jax.convert import cli, diffusers_unet  # noqa: E402
 from binarydm_jax.models.unet import UNet, count_params, unet_from_config  # noqa: E402
 
-# google/ddpm-cifar10-32's config.json as published on the hub.
-CIFAR10_CONFIG = {
-  "_class_name": "UNet2DModel",
-  "act_fn": "silu",
-  "attention_head_dim": None,
-  "block_out_channels": [128, 256, 256, 256],
-  "center_input_sample": False,
-  "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-  "downsample_padding": 0,
-  "flip_sin_to_cos": False,
-  "freq_shift": 1,
-  "in_channels": 3,
-  "layers_per_block": 2,
-  "mid_block_scale_factor": 1,
-  "norm_eps": 1e-06,
-  "norm_num_groups": 32,
-  "out_channels": 3,
-  "sample_size": 32,
-  "time_embedding_type": "positional",
-  "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-}
+CIFAR10_CONFIG = diffusers_unet.DDPM_CIFAR10_CONFIG
 # Different in every option the converter maps: multi-head attention at the top level, symmetric
 # downsample padding, [cos, sin] embedding without shift, 1 channel, norm eps 1e-5.
 SMALL_CONFIG = {

@@ -32,6 +32,28 @@ CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 BIN_NAME = "diffusion_pytorch_model.bin"
 
+# google/ddpm-cifar10-32's config.json as published on the hub (DDPM's CIFAR-10 UNet).
+DDPM_CIFAR10_CONFIG = {
+  "_class_name": "UNet2DModel",
+  "act_fn": "silu",
+  "attention_head_dim": None,
+  "block_out_channels": [128, 256, 256, 256],
+  "center_input_sample": False,
+  "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+  "downsample_padding": 0,
+  "flip_sin_to_cos": False,
+  "freq_shift": 1,
+  "in_channels": 3,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-06,
+  "norm_num_groups": 32,
+  "out_channels": 3,
+  "sample_size": 32,
+  "time_embedding_type": "positional",
+  "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+
 # Defaults of `diffusers.UNet2DModel.__init__` (diffusers 0.42.1); `config.json` files may omit
 # fields, and diffusers then uses these values. Note attention_head_dim=8 and norm_eps=1e-5 here,
 # while google/ddpm-cifar10-32 sets null (one head) and 1e-6 explicitly.

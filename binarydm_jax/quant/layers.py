@@ -71,6 +71,20 @@ def quantize_input(module: nn.Module, x: jax.Array, spec: LayerQuant) -> jax.Arr
   return lsq.lsq_plus_quantize(x, step, offset, bits)
 
 
+def quantized_operands(
+  module: nn.Module, x: jax.Array, kernel_shape: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """Creates `kernel`/`bias`, quantizes kernel and input by the policy, casts all to `dtype`."""
+  spec = _treatment(module)
+  kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
+  bias = None
+  if module.use_bias:
+    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+  kernel = quantize_kernel(module, kernel, spec)
+  x = quantize_input(module, x, spec)
+  return promote_dtype(x, kernel, bias, dtype=module.dtype)
+
+
 class QuantConv(nn.Module):
   """2-D NHWC convolution with an HWIO `kernel` and `bias`, quantized as the policy says.
 
@@ -100,15 +114,7 @@ class QuantConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    spec = _treatment(self)
-    kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-    bias = None
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    kernel = quantize_kernel(self, kernel, spec)
-    x = quantize_input(self, x, spec)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel, bias = quantized_operands(self, x, (*self.kernel_size, x.shape[-1], self.features))
     y = jax.lax.conv_general_dilated(
       x,
       kernel,
@@ -149,15 +155,7 @@ class QuantDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    spec = _treatment(self)
-    kernel_shape = (x.shape[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-    bias = None
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    kernel = quantize_kernel(self, kernel, spec)
-    x = quantize_input(self, x, spec)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel, bias = quantized_operands(self, x, (x.shape[-1], self.features))
     y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
     if bias is not None:
       y += bias.reshape((1,) * (y.ndim - 1) + (-1,))

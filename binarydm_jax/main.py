@@ -66,6 +66,7 @@ def main(argv: list[str]) -> None:
   from binarydm_jax.config_validation import ConfigError
   from binarydm_jax.input_pipeline import DatasetNotFoundError
   from binarydm_jax.loop import NonFiniteLossError
+  from binarydm_jax.teacher import TeacherError
 
   logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(
@@ -77,7 +78,13 @@ def main(argv: list[str]) -> None:
   )
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, DatasetNotFoundError, CheckpointMismatchError, NonFiniteLossError) as e:
+  except (
+    ConfigError,
+    DatasetNotFoundError,
+    CheckpointMismatchError,
+    NonFiniteLossError,
+    TeacherError,
+  ) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -125,3 +125,44 @@ def test_assert_same_architecture():
   cifar.update(num_res_blocks=2, attn_resolutions=[16])
   full = {**cifar, "num_head_channels": -1, "norm_eps": 1e-6, "downsample_padding": "asymmetric"}
   teacher.assert_same_architecture(cifar, full)
+
+
+def _job_config(source):
+  """configs/digits.py:smoke shrunk to the TINY architecture, starting from `source`."""
+  from configs import digits
+
+  config = digits.get_config("smoke")
+  config.data.image_size = TINY.image_size
+  for key in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_head_channels"):
+    config.model[key] = tuple(TINY[key]) if isinstance(TINY[key], list) else TINY[key]
+  for key in ("norm_groups", "norm_eps", "freq_shift", "flip_sin_to_cos", "downsample_padding"):
+    config.model[key] = TINY[key]
+  config.teacher.source = str(source)
+  config.qat.num_steps = 2
+  config.qat.batch_size = 8
+  config.sampling.ddim_steps = 2
+  config.sampling.grid_size = 8
+  config.eval.num_samples = 8
+  config.eval.batch_size = 8
+  return config
+
+
+def test_job_starts_from_teacher_source_without_training_one(tmp_path):
+  from binarydm_jax import train
+
+  source = teacher.save_teacher(tmp_path / "t", TINY, _init(TINY))
+  workdir = tmp_path / "run"
+  results = train.train_and_evaluate(_job_config(source), str(workdir))
+  assert not (workdir / "teacher").exists()  # nothing trained: the given teacher is used
+  assert (workdir / "student").exists()
+  assert set(results) == {"teacher", "student"} and results["student"]["bits"] == "W1A4"
+
+
+def test_job_refuses_a_teacher_of_another_architecture(tmp_path):
+  from binarydm_jax import train
+
+  source = teacher.save_teacher(tmp_path / "t", TINY, _init(TINY))
+  config = _job_config(source)
+  config.model.ch = 32
+  with pytest.raises(teacher.TeacherError, match="ch: config 32 vs teacher 16"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))

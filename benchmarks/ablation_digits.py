@@ -72,9 +72,10 @@ def main(argv):
       "teacher", teacher_params, model, schedule, base, dataset, mesh, workdir, writer
     )["fid"]
   results = {"teacher": teacher_fid, "qat_steps": base.qat.num_steps, "runs": []}
-  for bits in FLAGS.bits:
-    for name in FLAGS.methods:
-      for seed in map(int, FLAGS.seeds):
+  # Seeds outermost: a run cut short still has every (bits, method) cell for its first seeds.
+  for seed in map(int, FLAGS.seeds):
+    for bits in FLAGS.bits:
+      for name in FLAGS.methods:
         config = base.copy_and_resolve_references()
         config.quant.preset = bits
         config.qat.method, config.qat.ebb, config.qat.lrm = METHODS[name]

@@ -28,7 +28,9 @@ flags.DEFINE_list("bits", ["W1A32", "W1A8", "W1A4"], "quant.preset values.")
 flags.DEFINE_list("methods", ["baseline", "ebb", "lrm", "binarydm"], "Rows of the ablation.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "QAT seeds (noise, dropout, data order).")
 flags.DEFINE_integer("qat_steps", None, "QAT steps (default: configs/digits.py's).")
-flags.DEFINE_string("out", None, "Write all results as JSON here (appended as it goes).")
+flags.DEFINE_string(
+  "out", None, "Results JSON, rewritten after every run; runs already in it are skipped."
+)
 flags.mark_flags_as_required(["teacher"])
 
 # Method name -> (qat.method, qat.ebb, qat.lrm).
@@ -72,10 +74,20 @@ def main(argv):
       "teacher", teacher_params, model, schedule, base, dataset, mesh, workdir, writer
     )["fid"]
   results = {"teacher": teacher_fid, "qat_steps": base.qat.num_steps, "runs": []}
+  if FLAGS.out and os.path.exists(FLAGS.out):  # Continue an earlier, interrupted ablation.
+    with open(FLAGS.out) as f:
+      earlier = json.load(f)
+    if earlier["qat_steps"] == base.qat.num_steps:
+      results["runs"] = earlier["runs"]
   # Seeds outermost: a run cut short still has every (bits, method) cell for its first seeds.
   for seed in map(int, FLAGS.seeds):
     for bits in FLAGS.bits:
       for name in FLAGS.methods:
+        done = [
+          r for r in results["runs"] if (r["bits"], r["method"], r["seed"]) == (bits, name, seed)
+        ]
+        if done:
+          continue
         config = base.copy_and_resolve_references()
         config.quant.preset = bits
         config.qat.method, config.qat.ebb, config.qat.lrm = METHODS[name]
@@ -94,7 +106,7 @@ def main(argv):
     cells = []
     for name in FLAGS.methods:
       fids = [r["fid"] for r in results["runs"] if r["bits"] == bits and r["method"] == name]
-      cells.append(f"{np.mean(fids):.1f} ± {np.std(fids):.1f}")
+      cells.append(f"{np.mean(fids):.1f} ± {np.std(fids):.1f} (n={len(fids)})" if fids else "-")
     print(f"| {bits} | " + " | ".join(cells) + " |")
 
 

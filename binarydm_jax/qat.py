@@ -90,10 +90,12 @@ def student_policy(
 
 
 def describe_student(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The student's bit-width and method, for eval.json."""
+  """The student's bit-width (e.g. 'W1A4'; 'W32A32' for the 'fp' preset) and method, for eval.json."""
   settings = resolve_settings(config.qat)
+  quant = config.quant
+  act_bits = quant.act_bits if quant.act_bits != -1 else PRESETS[quant.preset][0]
   return {
-    "bits": f"W1A{config.quant.act_bits if config.quant.act_bits != -1 else PRESETS[config.quant.preset][0]}",
+    "bits": "W32A32" if quant.preset == "fp" else f"W1A{act_bits}",
     "method": config.qat.method,
     "ebb": settings.ebb,
     "lrm": settings.lrm,

@@ -186,3 +186,13 @@ def test_decoupled_transform_alone_respects_the_envelope():
   np.testing.assert_allclose(np.abs(params["s"]), [0.05, 0.02, 0.0], rtol=1e-4)
   updates, state = tx.update({"s": jnp.ones(3)}, state, params)
   assert np.all(np.asarray(optax.apply_updates(params, updates)["s"]) == 0.0)
+
+
+def test_describe_student_names_the_bit_width():
+  config = tiny_config()
+  assert qat.describe_student(config)["bits"] == "W1A4"
+  config.quant.preset = "baseline"
+  config.quant.act_bits = 8
+  assert qat.describe_student(config)["bits"] == "W1A8"
+  config.quant.preset = "fp"
+  assert qat.describe_student(config)["bits"] == "W32A32"

@@ -79,7 +79,11 @@ def restore_latest(
   """Restores the latest checkpoint into the shardings of `abstract_state`, or returns None.
 
   `structural_keys` are the config sections (or `section.key`s) that must be unchanged since the
-  checkpoint was written, e.g. the model architecture."""
+  checkpoint was written, e.g. the model architecture.
+
+  Raises:
+    CheckpointMismatchError: the checkpoint was written under different structural settings.
+  """
   step = manager.latest_step()
   if step is None:
     return None

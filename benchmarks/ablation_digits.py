@@ -2,6 +2,12 @@
 
   python -m benchmarks.ablation_digits --teacher=/tmp/digits/teacher --out=/tmp/ablation.json
 
+On a CPU, one worker per core is faster overall than one process on all cores (BENCHMARKS.md):
+
+  taskset -c 0 python -m benchmarks.ablation_digits --teacher=T --worker=0/2 --out=/tmp/a0.json &
+  taskset -c 1 python -m benchmarks.ablation_digits --teacher=T --worker=1/2 --out=/tmp/a1.json
+  python -m benchmarks.ablation_digits --report=/tmp/a0.json,/tmp/a1.json
+
 Every student starts from the same FP teacher (a `WORKDIR/teacher` of an earlier digits run, or a
 converted checkpoint) and is trained and evaluated with the library's own QAT stage and digits-FID,
 once per (bit-width, method, seed). Prints a markdown table of mean and spread per cell.
@@ -10,6 +16,7 @@ once per (bit-width, method, seed). Prints a markdown table of mean and spread p
 import json
 import os
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -28,10 +35,14 @@ flags.DEFINE_list("bits", ["W1A32", "W1A8", "W1A4"], "quant.preset values.")
 flags.DEFINE_list("methods", ["baseline", "ebb", "lrm", "binarydm"], "Rows of the ablation.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "QAT seeds (noise, dropout, data order).")
 flags.DEFINE_integer("qat_steps", None, "QAT steps (default: configs/digits.py's).")
+flags.DEFINE_enum("ebb_form", None, ["paper", "decoupled"], "qat.ebb_form (default: the config's).")
 flags.DEFINE_string(
   "out", None, "Results JSON, rewritten after every run; runs already in it are skipped."
 )
-flags.mark_flags_as_required(["teacher"])
+flags.DEFINE_string(
+  "worker", "0/1", "i/n: run only every n-th (bits, method, seed), from the i-th."
+)
+flags.DEFINE_list("report", None, "Print the table of these results JSONs and exit.")
 
 # Method name -> (qat.method, qat.ebb, qat.lrm).
 METHODS = {
@@ -56,11 +67,53 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> float:
   return result["fid"]
 
 
+def parse_worker(spec: str) -> tuple[int, int]:
+  """'i/n' -> (i, n), with a usable error for anything else."""
+  try:
+    index, count = map(int, spec.split("/"))
+  except ValueError:
+    index, count = -1, 0
+  if not 0 <= index < count:
+    raise app.UsageError(f"--worker={spec!r}: expected i/n with 0 <= i < n, e.g. 0/2")
+  return index, count
+
+
+def load_results(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def print_table(results: list[dict], bits: list[str], methods: list[str]) -> None:
+  """Mean and spread (std over seeds) of the digits-FID per (bit-width, method)."""
+  runs = [r for result in results for r in result["runs"]]
+  teacher = [result["teacher"] for result in results if result.get("teacher") is not None]
+  settings = sorted({(result["qat_steps"], result.get("ebb_form")) for result in results})
+  if teacher:
+    print(f"teacher (FP): digits-FID {teacher[0]:.1f}")
+  print(f"(QAT steps, EBB form): {settings}")
+  print("| bits | " + " | ".join(methods) + " |")
+  print("|---|" + "---|" * len(methods))
+  for b in bits:
+    cells = []
+    for name in methods:
+      fids = [r["fid"] for r in runs if r["bits"] == b and r["method"] == name]
+      cells.append(f"{np.mean(fids):.1f} ± {np.std(fids):.1f} (n={len(fids)})" if fids else "-")
+    print(f"| {b} | " + " | ".join(cells) + " |")
+
+
 def main(argv):
   del argv
+  if FLAGS.report:
+    print_table([load_results(p) for p in FLAGS.report], FLAGS.bits, FLAGS.methods)
+    return
+  if not FLAGS.teacher:
+    raise app.UsageError("--teacher is required (a WORKDIR/teacher of a digits run)")
+  worker, num_workers = parse_worker(FLAGS.worker)
   base = digits.get_config()
   if FLAGS.qat_steps:
     base.qat.num_steps = FLAGS.qat_steps
+  if FLAGS.ebb_form:
+    base.qat.ebb_form = FLAGS.ebb_form
   base.training.sample_every = 10**9  # No intermediate grids.
   mesh = sharding.make_mesh(base.mesh)
   dataset = load_dataset(base.data)
@@ -68,46 +121,53 @@ def main(argv):
   teacher_config, teacher_params = load_teacher(FLAGS.teacher)
   assert_same_architecture(base.model, teacher_config, base.data.image_size)
   model = unet_from_config(base.model)
-  with tempfile.TemporaryDirectory() as workdir:
-    writer = metric_writers.create_default_writer(workdir, just_logging=True)
-    teacher_fid = evaluate.evaluate_model(
-      "teacher", teacher_params, model, schedule, base, dataset, mesh, workdir, writer
-    )["fid"]
-  results = {"teacher": teacher_fid, "qat_steps": base.qat.num_steps, "runs": []}
+  results = {
+    "teacher": None,
+    "qat_steps": base.qat.num_steps,
+    "ebb_form": base.qat.ebb_form,
+    "runs": [],
+  }
   if FLAGS.out and os.path.exists(FLAGS.out):  # Continue an earlier, interrupted ablation.
-    with open(FLAGS.out) as f:
-      earlier = json.load(f)
-    if earlier["qat_steps"] == base.qat.num_steps:
-      results["runs"] = earlier["runs"]
+    earlier = load_results(FLAGS.out)
+    if (earlier["qat_steps"], earlier.get("ebb_form")) != (base.qat.num_steps, base.qat.ebb_form):
+      raise app.UsageError(f"--out={FLAGS.out} holds runs of other settings; use a new file")
+    results = earlier
+
+  def save():
+    if FLAGS.out and jax.process_index() == 0:
+      with open(FLAGS.out, "w") as f:
+        json.dump(results, f, indent=2)
+
+  if worker == 0 and results["teacher"] is None:
+    with tempfile.TemporaryDirectory() as workdir:
+      writer = metric_writers.create_default_writer(workdir, just_logging=True)
+      results["teacher"] = evaluate.evaluate_model(
+        "teacher", teacher_params, model, schedule, base, dataset, mesh, workdir, writer
+      )["fid"]
+    save()
   # Seeds outermost: a run cut short still has every (bits, method) cell for its first seeds.
-  for seed in map(int, FLAGS.seeds):
-    for bits in FLAGS.bits:
-      for name in FLAGS.methods:
-        done = [
-          r for r in results["runs"] if (r["bits"], r["method"], r["seed"]) == (bits, name, seed)
-        ]
-        if done:
-          continue
-        config = base.copy_and_resolve_references()
-        config.quant.preset = bits
-        config.qat.method, config.qat.ebb, config.qat.lrm = METHODS[name]
-        config.qat.seed = seed
-        config.data.seed = seed
-        fid = run_one(config, teacher_params, model, dataset, mesh, schedule)
-        logging.info("ablation %s %s seed %d: digits-FID %.1f", bits, name, seed, fid)
-        results["runs"].append({"bits": bits, "method": name, "seed": seed, "fid": fid})
-        if FLAGS.out and jax.process_index() == 0:
-          with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=2)
-  print(f"teacher (FP): digits-FID {teacher_fid:.1f}; QAT {base.qat.num_steps} steps")
-  print("| bits | " + " | ".join(FLAGS.methods) + " |")
-  print("|---|" + "---|" * len(FLAGS.methods))
-  for bits in FLAGS.bits:
-    cells = []
-    for name in FLAGS.methods:
-      fids = [r["fid"] for r in results["runs"] if r["bits"] == bits and r["method"] == name]
-      cells.append(f"{np.mean(fids):.1f} ± {np.std(fids):.1f} (n={len(fids)})" if fids else "-")
-    print(f"| {bits} | " + " | ".join(cells) + " |")
+  grid = [
+    (b, name, int(seed)) for seed in FLAGS.seeds for b in FLAGS.bits for name in FLAGS.methods
+  ]
+  for bits, name, seed in grid[worker::num_workers]:
+    if any((r["bits"], r["method"], r["seed"]) == (bits, name, seed) for r in results["runs"]):
+      continue
+    config = base.copy_and_resolve_references()
+    config.quant.preset = bits
+    config.qat.method, config.qat.ebb, config.qat.lrm = METHODS[name]
+    config.qat.seed = seed
+    config.data.seed = seed
+    started = time.time()
+    fid = run_one(config, teacher_params, model, dataset, mesh, schedule)
+    minutes = (time.time() - started) / 60
+    logging.info(
+      "ablation %s %s seed %d: digits-FID %.1f (%.1f min)", bits, name, seed, fid, minutes
+    )
+    results["runs"].append(
+      {"bits": bits, "method": name, "seed": seed, "fid": fid, "minutes": round(minutes, 2)}
+    )
+    save()
+  print_table([results], FLAGS.bits, FLAGS.methods)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def _validate_qat(config: ml_collections.ConfigDict) -> None:
   _check(config, "qat.learning_rate", lambda v: v > 0, "a positive float")
   _check(config, "qat.weight_decay", lambda v: v >= 0, "a float >= 0")
   _check(config, "qat.ema_decay", lambda v: 0.0 <= v < 1.0, "a decay in [0, 1)")
-  _check(config, "qat.ema_warmup", lambda v: isinstance(v, bool), "True or False")
+  for key in ("ema_warmup", "ema_restart_at_switch"):
+    _check(config, f"qat.{key}", lambda v: isinstance(v, bool), "True or False")
   _check(
     config,
     "qat.switch_step",

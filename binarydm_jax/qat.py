@@ -113,6 +113,25 @@ def collapse_higher_scales(params: Any, collapsed: jnp.ndarray) -> Any:
   )
 
 
+def student_ema(
+  state: QATState, params: Any, qat_config: ml_collections.ConfigDict, settings: QATSettings
+) -> Any:
+  """The EMA after step `state.step`, whose update produced `params`.
+
+  The step numbered `switch_step` removes the higher bases (from the params and the EMA alike).
+  With `ema_restart_at_switch` the EMA restarts there from the single-basis params, so it never
+  averages in weights that were trained next to a second basis (its warmup counts from the switch).
+  """
+  age = state.step
+  restart = jnp.zeros((), bool)
+  if settings.ebb and qat_config.ema_restart_at_switch:
+    restart = state.step == settings.switch_step
+    age = jnp.where(state.step > settings.switch_step, state.step - settings.switch_step, age)
+  decay = ema_decay_at(age, qat_config.ema_decay, qat_config.ema_warmup)
+  ema = ema_update(state.ema_params, params, jnp.where(restart, 0.0, decay))
+  return collapse_higher_scales(ema, state.step >= settings.switch_step)
+
+
 def make_qat_step(
   student: nn.Module,
   teacher: nn.Module,
@@ -161,17 +180,11 @@ def make_qat_step(
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    collapsed = state.step + 1 >= settings.switch_step
-    ema = ema_update(
-      state.ema_params,
-      params,
-      ema_decay_at(state.step, qat_config.ema_decay, qat_config.ema_warmup),
-    )
     new_state = state.replace(
       step=state.step + 1,
       params=params,
       opt_state=opt_state,
-      ema_params=collapse_higher_scales(ema, collapsed),
+      ema_params=student_ema(state, params, qat_config, settings),
     )
     metrics = {
       "loss": loss,

@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   qat.grad_clip = 1.0  # Global gradient-norm clip.
   qat.ema_decay = 0.9999  # EMA of the student params used for sampling.
   qat.ema_warmup = False  # Ramp the EMA decay as min(decay, (1+step)/(10+step)).
+  qat.ema_restart_at_switch = True  # EBB: restart the EMA from the 1-basis params at the switch.
   qat.switch_step = -1  # EBB stage 2 starts here (higher bases removed); -1 = num_steps // 2.
   qat.ebb_form = (
     "paper"  # 'paper': L_EBB = tau * mean sigma_II in the loss; 'decoupled': shrinkage.

@@ -196,3 +196,16 @@ def test_describe_student_names_the_bit_width():
   assert qat.describe_student(config)["bits"] == "W1A8"
   config.quant.preset = "fp"
   assert qat.describe_student(config)["bits"] == "W32A32"
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_ema_restarts_from_the_single_basis_params_at_the_switch(restart):
+  config = tiny_config(ebb_form="paper", switch_step=3, num_steps=5, ema_decay=0.9)
+  config.qat.ema_restart_at_switch = restart
+  state, run, *_ = setup(config)
+  state, _ = run(state, 4)  # Steps 0..3; step 3 removes the higher bases.
+  params, ema = jax.device_get((state.params, state.ema_params))
+  for s in higher(ema):
+    assert np.all(np.asarray(s) == 0.0)
+  same = jax.tree.leaves(jax.tree.map(lambda p, e: bool(np.array_equal(p, e)), params, ema))
+  assert all(same) == restart  # Without the restart the EMA still remembers stage 1.

@@ -276,18 +276,25 @@ def init_qat_state(
   return jax.jit(init, out_shardings=sharding.tree_shardings(abstract, mesh))(params, projections)
 
 
-def train_student(
+@dataclasses.dataclass(frozen=True)
+class Student:
+  """A student ready to train: the quantized model, its initial state and the jitted QAT step."""
+
+  model: nn.Module
+  state: QATState
+  step: Any  # (state, teacher_params, batch) -> (state, metrics), compiled on the mesh.
+  settings: QATSettings
+
+
+def make_student(
   config: ml_collections.ConfigDict,
-  workdir: str,
   mesh: Mesh,
   dataset: ImageDataset,
   teacher: nn.Module,
   teacher_params: Any,
   schedule: diffusion.Schedule,
-  writer: metric_writers.MetricWriter,
-  on_sample_factory,
-) -> tuple[nn.Module, Any]:
-  """Runs QAT in WORKDIR/student (resuming if possible); returns (student model, EMA params)."""
+) -> Student:
+  """binarize(teacher) under the policy, LRM projections, the QAT optimizer and the jitted step."""
   settings = resolve_settings(config.qat)
   image_shape = dataset.train.shape[1:]
   policy = student_policy(config, settings, teacher, image_shape)
@@ -311,15 +318,34 @@ def train_student(
     state,
     teacher_params,
   )
+  return Student(model=student, state=state, step=step, settings=settings)
+
+
+def train_student(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mesh: Mesh,
+  dataset: ImageDataset,
+  teacher: nn.Module,
+  teacher_params: Any,
+  schedule: diffusion.Schedule,
+  writer: metric_writers.MetricWriter,
+  on_sample_factory,
+) -> tuple[nn.Module, Any]:
+  """Runs QAT in WORKDIR/student (resuming if possible); returns (student model, EMA params)."""
+  student = make_student(config, mesh, dataset, teacher, teacher_params, schedule)
+  image_shape = dataset.train.shape[1:]
   stage = Stage(
     name="student",
     directory=os.path.join(workdir, "student"),
     num_steps=config.qat.num_steps,
     batch_size=config.qat.batch_size,
-    step_fn=lambda state, batch: step(state, teacher_params, batch),
+    step_fn=lambda state, batch: student.step(state, teacher_params, batch),
     on_sample=on_sample_factory(
-      "student", sampling.make_sampler(student, schedule, config.sampling, mesh, image_shape)
+      "student", sampling.make_sampler(student.model, schedule, config.sampling, mesh, image_shape)
     ),
   )
-  state = run_stage(stage, state, config, dataset, mesh, writer)
-  return student, state.ema_params
+  state = run_stage(
+    stage, state=student.state, config=config, dataset=dataset, mesh=mesh, writer=writer
+  )
+  return student.model, state.ema_params

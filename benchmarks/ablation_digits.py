@@ -42,6 +42,7 @@ flags.DEFINE_string(
 flags.DEFINE_string(
   "worker", "0/1", "i/n: run only every n-th (bits, method, seed), from the i-th."
 )
+flags.DEFINE_bool("raw_params", False, "Also evaluate the final non-EMA params (fid_raw).")
 flags.DEFINE_list("report", None, "Print the table of these results JSONs and exit.")
 
 # Method name -> (qat.method, qat.ebb, qat.lrm).
@@ -53,18 +54,26 @@ METHODS = {
 }
 
 
-def run_one(config, teacher_params, model, dataset, mesh, schedule) -> float:
-  """Trains one student in a fresh workdir and returns its digits-FID."""
+def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str, float]:
+  """Trains one student in a fresh workdir; its digits-FID (EMA params, as the job samples).
+
+  With --raw_params also `fid_raw`: the same student's final non-averaged params.
+  """
   with tempfile.TemporaryDirectory() as workdir:
     writer = metric_writers.create_default_writer(workdir, just_logging=True)
     callbacks = train.sample_callbacks(config, workdir, writer)
-    student, params = qat.train_student(
+    student, state = qat.train_student(
       config, workdir, mesh, dataset, model, teacher_params, schedule, writer, callbacks
     )
-    result = evaluate.evaluate_model(
-      "student", params, student, schedule, config, dataset, mesh, workdir, writer
-    )
-  return result["fid"]
+    variants = {"fid": state.ema_params}
+    if FLAGS.raw_params:
+      variants["fid_raw"] = state.params
+    return {
+      key: evaluate.evaluate_model(
+        "student", params, student, schedule, config, dataset, mesh, workdir, writer
+      )["fid"]
+      for key, params in variants.items()
+    }
 
 
 def parse_worker(spec: str) -> tuple[int, int]:
@@ -84,21 +93,24 @@ def load_results(path: str) -> dict:
 
 
 def print_table(results: list[dict], bits: list[str], methods: list[str]) -> None:
-  """Mean and spread (std over seeds) of the digits-FID per (bit-width, method)."""
+  """Mean and spread (std over seeds) of the digits-FID per (bit-width, method), EMA then raw."""
   runs = [r for result in results for r in result["runs"]]
   teacher = [result["teacher"] for result in results if result.get("teacher") is not None]
   settings = sorted({(result["qat_steps"], result.get("ebb_form")) for result in results})
   if teacher:
     print(f"teacher (FP): digits-FID {teacher[0]:.1f}")
   print(f"(QAT steps, EBB form): {settings}")
-  print("| bits | " + " | ".join(methods) + " |")
-  print("|---|" + "---|" * len(methods))
-  for b in bits:
-    cells = []
-    for name in methods:
-      fids = [r["fid"] for r in runs if r["bits"] == b and r["method"] == name]
-      cells.append(f"{np.mean(fids):.1f} ± {np.std(fids):.1f} (n={len(fids)})" if fids else "-")
-    print(f"| {b} | " + " | ".join(cells) + " |")
+  for key in ("fid", "fid_raw"):
+    if not any(key in r for r in runs):
+      continue
+    print(f"\n{key}:\n| bits | " + " | ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods))
+    for b in bits:
+      cells = []
+      for name in methods:
+        fids = [r[key] for r in runs if (r["bits"], r["method"]) == (b, name) and key in r]
+        cells.append(f"{np.mean(fids):.1f} ± {np.std(fids):.1f} (n={len(fids)})" if fids else "-")
+      print(f"| {b} | " + " | ".join(cells) + " |")
 
 
 def main(argv):
@@ -158,13 +170,11 @@ def main(argv):
     config.qat.seed = seed
     config.data.seed = seed
     started = time.time()
-    fid = run_one(config, teacher_params, model, dataset, mesh, schedule)
+    fids = run_one(config, teacher_params, model, dataset, mesh, schedule)
     minutes = (time.time() - started) / 60
-    logging.info(
-      "ablation %s %s seed %d: digits-FID %.1f (%.1f min)", bits, name, seed, fid, minutes
-    )
+    logging.info("ablation %s %s seed %d: %s (%.1f min)", bits, name, seed, fids, minutes)
     results["runs"].append(
-      {"bits": bits, "method": name, "seed": seed, "fid": fid, "minutes": round(minutes, 2)}
+      {"bits": bits, "method": name, "seed": seed, **fids, "minutes": round(minutes, 2)}
     )
     save()
   print_table([results], FLAGS.bits, FLAGS.methods)

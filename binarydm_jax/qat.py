@@ -332,7 +332,10 @@ def train_student(
   writer: metric_writers.MetricWriter,
   on_sample_factory,
 ) -> tuple[nn.Module, Any]:
-  """Runs QAT in WORKDIR/student (resuming if possible); returns (student model, EMA params)."""
+  """Runs QAT in WORKDIR/student (resuming if possible); returns (student model, final state).
+
+  Sample with the state's `ema_params` (the job does); `params` are the raw, non-averaged ones.
+  """
   student = make_student(config, mesh, dataset, teacher, teacher_params, schedule)
   image_shape = dataset.train.shape[1:]
   stage = Stage(
@@ -348,4 +351,4 @@ def train_student(
   state = run_stage(
     stage, state=student.state, config=config, dataset=dataset, mesh=mesh, writer=writer
   )
-  return student.model, state.ema_params
+  return student.model, state

@@ -191,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   evaluate.write_results(results, workdir)
   # ---------------------------------------------------------------- Student (BinaryDM QAT)
   if config.qat.method != "fp":
-    student, student_params = qat.train_student(
+    student, student_state = qat.train_student(
       config,
       workdir,
       mesh,
@@ -203,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       sample_callbacks(config, workdir, writer),
     )
     results["student"] = evaluate.evaluate_model(
-      "student", student_params, student, schedule, config, dataset, mesh, workdir, writer
+      "student", student_state.ema_params, student, schedule, config, dataset, mesh, workdir, writer
     ) | qat.describe_student(config)
     evaluate.write_results(results, workdir)
   writer.flush()

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from binarydm_jax import diffusion, optim, qat, sharding, train
+from binarydm_jax import diffusion, qat, sharding, train
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.models.unet import unet_from_config
 
@@ -37,15 +37,7 @@ _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON f
 
 def fp_step(config, mesh, dataset, model, schedule):
   """The FP train step on a fresh state; returns (advance(batch), teacher params)."""
-  tx = optim.make_optimizer(config.optim)
-  state = train.init_train_state(model, tx, dataset.train.shape[1:], 0, mesh)
-  step = train.jit_train_step(
-    train.make_train_step(
-      model, schedule, tx, optim.learning_rate_schedule(config.optim), config.optim
-    ),
-    mesh,
-    state,
-  )
+  state, step = train.make_teacher(config, mesh, model, schedule, dataset.train.shape[1:])
   holder = {"state": state}
 
   def advance(batch):

@@ -117,6 +117,24 @@ def sample_callbacks(config: ml_collections.ConfigDict, workdir: str, writer):
   return make
 
 
+def make_teacher(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  model: nn.Module,
+  schedule: diffusion.Schedule,
+  image_shape: tuple[int, int, int],
+) -> tuple[TrainState, Callable]:
+  """A fresh FP state (seed `training.seed`) and its jitted, state-donating train step."""
+  tx = optim.make_optimizer(config.optim)
+  state = init_train_state(model, tx, image_shape, config.training.seed, mesh)
+  step = jit_train_step(
+    make_train_step(model, schedule, tx, optim.learning_rate_schedule(config.optim), config.optim),
+    mesh,
+    state,
+  )
+  return state, step
+
+
 def train_teacher(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -128,13 +146,7 @@ def train_teacher(
 ) -> Any:
   """Trains the FP model in WORKDIR/teacher (resuming if possible); returns its EMA params."""
   image_shape = dataset.train.shape[1:]
-  tx = optim.make_optimizer(config.optim)
-  state = init_train_state(model, tx, image_shape, config.training.seed, mesh)
-  step_fn = jit_train_step(
-    make_train_step(model, schedule, tx, optim.learning_rate_schedule(config.optim), config.optim),
-    mesh,
-    state,
-  )
+  state, step_fn = make_teacher(config, mesh, model, schedule, image_shape)
   sampler = sampling.make_sampler(model, schedule, config.sampling, mesh, image_shape)
   stage = Stage(
     name="teacher",

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 from clu import metric_writers
 
-from binarydm_jax import diffusion, evaluate, qat, sharding, train
+from binarydm_jax import diffusion, evaluate, qat, sharding
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.teacher import assert_same_architecture, load_teacher
@@ -43,6 +43,9 @@ flags.DEFINE_string(
   "worker", "0/1", "i/n: run only every n-th (bits, method, seed), from the i-th."
 )
 flags.DEFINE_bool("raw_params", False, "Also evaluate the final non-EMA params (fid_raw).")
+flags.DEFINE_integer(
+  "fid_every", None, "Also evaluate the EMA params every N QAT steps (fid_curve): a convergence check."
+)
 flags.DEFINE_list("report", None, "Print the table of these results JSONs and exit.")
 
 # Method name -> (qat.method, qat.ebb, qat.lrm).
@@ -61,19 +64,34 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str,
   """
   with tempfile.TemporaryDirectory() as workdir:
     writer = metric_writers.create_default_writer(workdir, just_logging=True)
-    callbacks = train.sample_callbacks(config, workdir, writer)
-    student, state = qat.train_student(
-      config, workdir, mesh, dataset, model, teacher_params, schedule, writer, callbacks
-    )
-    variants = {"fid": state.ema_params}
-    if FLAGS.raw_params:
-      variants["fid_raw"] = state.params
-    return {
-      key: evaluate.evaluate_model(
-        "student", params, student, schedule, config, dataset, mesh, workdir, writer
+
+    samplers = []  # The student's sampler, kept from the training stage for the final FIDs.
+    curve = {}
+
+    def fid(params) -> float:
+      return evaluate.evaluate_sampler(
+        "student", samplers[0], params, config, dataset, workdir, writer
       )["fid"]
-      for key, params in variants.items()
-    }
+
+    def on_sample_factory(name: str, sampler):
+      samplers.append(sampler)
+
+      def on_sample(state, step: int) -> None:
+        if FLAGS.fid_every and step < config.qat.num_steps:  # The final FID is the `fid` entry.
+          curve[str(step)] = fid(state.ema_params)
+          logging.info("ablation: step %d, digits-FID %.1f", step, curve[str(step)])
+
+      return on_sample
+
+    _, state = qat.train_student(
+      config, workdir, mesh, dataset, model, teacher_params, schedule, writer, on_sample_factory
+    )
+    result = {"fid": fid(state.ema_params)}
+    if FLAGS.raw_params:
+      result["fid_raw"] = fid(state.params)
+    if curve:
+      result["fid_curve"] = curve
+    return result
 
 
 def parse_worker(spec: str) -> tuple[int, int]:
@@ -126,7 +144,7 @@ def main(argv):
     base.qat.num_steps = FLAGS.qat_steps
   if FLAGS.ebb_form:
     base.qat.ebb_form = FLAGS.ebb_form
-  base.training.sample_every = 10**9  # No intermediate grids.
+  base.training.sample_every = FLAGS.fid_every or 10**9  # No intermediate grids.
   mesh = sharding.make_mesh(base.mesh)
   dataset = load_dataset(base.data)
   schedule = diffusion.schedule_from_config(base.diffusion)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 from clu import metric_writers
 from jax.sharding import Mesh
 
@@ -35,6 +37,20 @@ def evaluate_model(
   sharding.check_batch_divisible(config.eval.batch_size, mesh, "config.eval.batch_size")
   image_shape = dataset.train.shape[1:]
   sampler = sampling.make_sampler(model, schedule, config.sampling, mesh, image_shape)
+  return evaluate_sampler(name, sampler, params, config, dataset, workdir, writer)
+
+
+def evaluate_sampler(
+  name: str,
+  sampler: Callable[[Any, jax.Array, int], np.ndarray],
+  params: Any,
+  config: ml_collections.ConfigDict,
+  dataset: ImageDataset,
+  workdir: str,
+  writer: metric_writers.MetricWriter,
+) -> dict[str, Any]:
+  """`evaluate_model` with a sampler already built (e.g. the one a training stage samples with)."""
+  image_shape = dataset.train.shape[1:]
   samples = sampling.sample_many(
     sampler, params, jax.random.PRNGKey(EVAL_SEED), config.eval.num_samples, config.eval.batch_size
   )

@@ -11,6 +11,7 @@ On a CPU, one worker per core is faster overall than one process on all cores (B
 Every student starts from the same FP teacher (a `WORKDIR/teacher` of an earlier digits run, or a
 converted checkpoint) and is trained and evaluated with the library's own QAT stage and digits-FID,
 once per (bit-width, method, seed). Prints a markdown table of mean and spread per cell.
+`--fid_every=N` also scores each run every N steps (its `fid_curve`): has the FID stopped moving?
 """
 
 import json

@@ -45,7 +45,9 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool("raw_params", False, "Also evaluate the final non-EMA params (fid_raw).")
 flags.DEFINE_integer(
-  "fid_every", None, "Also evaluate the EMA params every N QAT steps (fid_curve): a convergence check."
+  "fid_every",
+  None,
+  "Also evaluate the EMA params every N QAT steps (fid_curve): a convergence check.",
 )
 flags.DEFINE_list("report", None, "Print the table of these results JSONs and exit.")
 
@@ -61,7 +63,8 @@ METHODS = {
 def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str, float]:
   """Trains one student in a fresh workdir; its digits-FID (EMA params, as the job samples).
 
-  With --raw_params also `fid_raw`: the same student's final non-averaged params.
+  With --raw_params also `fid_raw`: the same student's final non-averaged params; with
+  --fid_every also `fid_curve`: {step: FID of the EMA params} along the run.
   """
   with tempfile.TemporaryDirectory() as workdir:
     writer = metric_writers.create_default_writer(workdir, just_logging=True)
@@ -145,7 +148,7 @@ def main(argv):
     base.qat.num_steps = FLAGS.qat_steps
   if FLAGS.ebb_form:
     base.qat.ebb_form = FLAGS.ebb_form
-  base.training.sample_every = FLAGS.fid_every or 10**9  # No intermediate grids.
+  base.training.sample_every = FLAGS.fid_every or 10**9  # Mid-run scores only on request.
   mesh = sharding.make_mesh(base.mesh)
   dataset = load_dataset(base.data)
   schedule = diffusion.schedule_from_config(base.diffusion)

@@ -7,6 +7,8 @@ from typing import Any
 
 import ml_collections
 
+from binarydm_jax.qat_optim import LR_SCHEDULES
+
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key, the value and what is expected."""
@@ -134,6 +136,7 @@ def _validate_qat(config: ml_collections.ConfigDict) -> None:
   for key in ("num_steps", "warmup_steps"):
     _check(config, f"qat.{key}", _non_negative_int, "a non-negative int")
   _check(config, "qat.learning_rate", lambda v: v > 0, "a positive float")
+  _check(config, "qat.lr_schedule", *_one_of(LR_SCHEDULES))
   _check(config, "qat.weight_decay", lambda v: v >= 0, "a float >= 0")
   _check(config, "qat.ema_decay", lambda v: 0.0 <= v < 1.0, "a decay in [0, 1)")
   for key in ("ema_warmup", "ema_restart_at_switch"):

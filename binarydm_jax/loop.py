@@ -37,6 +37,7 @@ class Stage:
   # Config sections (or `section.key`s) that a checkpoint of this stage must agree with. The
   # image size decides which levels get attention (model.attn_resolutions), i.e. the param tree.
   structural_keys: tuple[str, ...] = ("model", "diffusion", "data.image_size")
+  learning_rate_key: str = "optim.learning_rate"  # Named in the advice of a NaN-loss error.
 
 
 def _summarise(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -53,7 +54,7 @@ def _check_finite(
     if key in metrics and not math.isfinite(metrics[key]):
       raise NonFiniteLossError(
         f"{stage.name}: {key} is {metrics[key]} at step {step}; nothing was saved after it "
-        f"(last checkpoint: step {last_saved}). Lower --config.optim.learning_rate or "
+        f"(last checkpoint: step {last_saved}). Lower --config.{stage.learning_rate_key} or "
         "check the data, then rerun the same command to resume from that checkpoint."
       )
 

@@ -137,10 +137,11 @@ def make_qat_step(
   teacher: nn.Module,
   schedule: diffusion.Schedule,
   tx: optax.GradientTransformation,
+  lr_fn: optax.Schedule,
   qat_config: ml_collections.ConfigDict,
   settings: QATSettings,
 ):
-  """The QAT step `(state, teacher_params, batch) -> (state, metrics)`."""
+  """The QAT step `(state, teacher_params, batch) -> (state, metrics)`; `lr_fn` is `tx`'s schedule."""
   paper_penalty = settings.ebb and qat_config.ebb_form == "paper"
 
   def qat_step(state: QATState, teacher_params: Any, batch: jax.Array):
@@ -192,6 +193,7 @@ def make_qat_step(
       "grad_norm": optax.tree.norm(grads),
       "mean_abs_sigma_II": qat_optim.mean_abs_higher_scale(params),
       "ebb_stage": jnp.where(stage1, 1, 2),
+      "learning_rate": lr_fn(state.step),
     }
     return new_state, metrics
 
@@ -299,7 +301,7 @@ def make_student(
   image_shape = dataset.train.shape[1:]
   policy = student_policy(config, settings, teacher, image_shape)
   student = with_policy(teacher, policy)
-  lr = optax.linear_schedule(0.0, config.qat.learning_rate, max(config.qat.warmup_steps, 1))
+  lr = qat_optim.learning_rate_schedule(config.qat, settings.switch_step)
   qat_config = ml_collections.ConfigDict(config.qat.to_dict())
   qat_config.switch_step = settings.switch_step
   if not settings.ebb:
@@ -313,7 +315,7 @@ def make_student(
     student, teacher, teacher_params, policy, tx, batches, config, settings, mesh
   )
   step = jit_qat_step(
-    make_qat_step(student, teacher, schedule, tx, qat_config, settings),
+    make_qat_step(student, teacher, schedule, tx, lr, qat_config, settings),
     mesh,
     state,
     teacher_params,
@@ -344,6 +346,8 @@ def train_student(
     num_steps=config.qat.num_steps,
     batch_size=config.qat.batch_size,
     step_fn=lambda state, batch: student.step(state, teacher_params, batch),
+    structural_keys=STRUCTURAL_KEYS,
+    learning_rate_key="qat.learning_rate",
     on_sample=on_sample_factory(
       "student", sampling.make_sampler(student.model, schedule, config.sampling, mesh, image_shape)
     ),

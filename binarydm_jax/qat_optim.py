@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from binarydm_jax import optim
 from binarydm_jax.quant import param_labels
 
 REGULARIZERS = ("paper", "decoupled", "none")
+LR_SCHEDULES = ("constant", "cosine_stage2")
 
 
 class EvolveState(NamedTuple):
@@ -63,6 +65,28 @@ def evolve_higher_scales(
     return updates, (evolve._replace(count=evolve.count + 1), inner_state)
 
   return optax.GradientTransformation(init, update)
+
+
+def learning_rate_schedule(
+  qat_config: ml_collections.ConfigDict, switch_step: int
+) -> optax.Schedule:
+  """Warmup to `qat.learning_rate`, then constant (`lr_schedule='constant'`, the released code), or
+  constant until `switch_step` and a cosine to 0 at `num_steps` (`'cosine_stage2'`).
+
+  `switch_step` is the EBB switch; methods without EBB get the same schedule, so that a baseline
+  and a BinaryDM run of the same length see the same learning rates.
+  """
+  if qat_config.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(
+      f"config.qat.lr_schedule={qat_config.lr_schedule!r}: expected one of {LR_SCHEDULES}"
+    )
+  warmup = optim.learning_rate_schedule(qat_config)
+  if qat_config.lr_schedule == "constant":
+    return warmup
+  decay = optax.cosine_decay_schedule(
+    qat_config.learning_rate, max(qat_config.num_steps - switch_step, 1)
+  )
+  return optax.join_schedules([warmup, decay], [switch_step])
 
 
 def make_qat_optimizer(

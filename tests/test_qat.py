@@ -1,13 +1,16 @@
 """BinaryDM QAT: basis evolution (EBB), the optimizer partition, the sharded step, resume."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
+from clu import metric_writers
 
-from binarydm_jax import diffusion, qat, qat_optim, sharding
+from binarydm_jax import checkpointing, diffusion, qat, qat_optim, sharding
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import param_labels, with_policy
@@ -44,13 +47,14 @@ def setup(config, mesh_config=None):
   student = with_policy(teacher, policy)
   qat_config = ml_collections.ConfigDict(config.qat.to_dict())
   qat_config.switch_step = settings.switch_step
-  tx = qat_optim.make_qat_optimizer(qat_config, config.qat.learning_rate)
+  lr = optax.constant_schedule(config.qat.learning_rate)
+  tx = qat_optim.make_qat_optimizer(qat_config, lr)
   batches = qat.noised_batches(dataset, schedule, mesh, 1, config.qat.batch_size)
   state = qat.init_qat_state(
     student, teacher, teacher_params, policy, tx, batches, config, settings, mesh
   )
   step = qat.jit_qat_step(
-    qat.make_qat_step(student, teacher, schedule, tx, qat_config, settings),
+    qat.make_qat_step(student, teacher, schedule, tx, lr, qat_config, settings),
     mesh,
     state,
     teacher_params,
@@ -209,3 +213,84 @@ def test_ema_restarts_from_the_single_basis_params_at_the_switch(restart):
     assert np.all(np.asarray(s) == 0.0)
   same = jax.tree.leaves(jax.tree.map(lambda p, e: bool(np.array_equal(p, e)), params, ema))
   assert all(same) == restart  # Without the restart the EMA still remembers stage 1.
+
+
+def test_learning_rate_schedules():
+  config = tiny_config(num_steps=10, learning_rate=1e-2, warmup_steps=0)
+  constant = qat_optim.learning_rate_schedule(config.qat, switch_step=4)
+  config.qat.lr_schedule = "cosine_stage2"
+  cosine = qat_optim.learning_rate_schedule(config.qat, switch_step=4)
+  steps = [1, 3, 4, 7, 10]
+  np.testing.assert_allclose([constant(s) for s in steps], [1e-2] * 5, rtol=1e-6)
+  # Stage 1 at the full rate; stage 2 (steps 4..10) a cosine from the full rate to 0.
+  expected = [1e-2, 1e-2, 1e-2, 1e-2 * 0.5 * (1 + np.cos(np.pi * 3 / 6)), 0.0]
+  np.testing.assert_allclose([cosine(s) for s in steps], expected, rtol=1e-5, atol=1e-9)
+  config.qat.lr_schedule = "step"
+  with pytest.raises(ValueError, match="config.qat.lr_schedule='step'"):
+    qat_optim.learning_rate_schedule(config.qat, switch_step=4)
+
+
+def test_step_logs_the_learning_rate():
+  config = tiny_config(method="baseline")
+  state, run, *_ = setup(config)
+  _, history = run(state, 2)
+  np.testing.assert_allclose([m["learning_rate"] for m in history], [1e-2, 1e-2], rtol=1e-6)
+
+
+def _train_student(config, workdir):
+  """`qat.train_student` from a random-init teacher, with no sampling; the final QATState."""
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}))
+  dataset = load_dataset(config.data)
+  teacher = unet_from_config(config.model)
+  image_shape = dataset.train.shape[1:]
+  teacher_params = teacher.init(
+    jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32)
+  )["params"]
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  _, state = qat.train_student(
+    config,
+    str(workdir),
+    mesh,
+    dataset,
+    teacher,
+    teacher_params,
+    schedule,
+    metric_writers.MultiWriter([]),  # No summaries: the tests read checkpoints.
+    lambda name, sampler: lambda state, step: None,
+  )
+  return jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def interrupted_and_uninterrupted(tmp_path_factory):
+  """A W1A4 BinaryDM run of 6 steps (switch at 3), and the same run restarted from its step-2
+  checkpoint (what a run killed between steps 2 and 4 leaves)."""
+  config = tiny_config(num_steps=6, switch_step=3, lr_schedule="cosine_stage2")
+  config.training.checkpoint_every = 2
+  full = tmp_path_factory.mktemp("qat_full")
+  uninterrupted = _train_student(config, full)
+  resumed_dir = tmp_path_factory.mktemp("qat_resumed")
+  shutil.copytree(full / "student" / "2", resumed_dir / "student" / "2")
+  resumed = _train_student(config, resumed_dir)
+  return config, resumed_dir, resumed, uninterrupted
+
+
+def test_killed_qat_run_resumes_to_the_uninterrupted_state(interrupted_and_uninterrupted):
+  _, _, resumed, uninterrupted = interrupted_and_uninterrupted
+  assert int(resumed.step) == 6
+  # Params, Adam and EBB-evolution state, EMA, LRM projections and rng: all bit-identical.
+  assert jax.tree.structure(resumed) == jax.tree.structure(uninterrupted)
+  jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
+  assert all(np.all(s == 0.0) for s in higher(resumed.params))  # Resumed across the switch.
+
+
+def test_student_checkpoint_of_another_bit_width_is_refused(interrupted_and_uninterrupted):
+  config, workdir, *_ = interrupted_and_uninterrupted
+  other = config.copy_and_resolve_references()
+  other.quant.preset = "W1A8"  # Same param tree as W1A4: only a config check can tell them apart.
+  other.qat.num_steps = 8
+  with pytest.raises(
+    checkpointing.CheckpointMismatchError,
+    match=r"quant\.preset: checkpoint 'W1A4' vs config 'W1A8'",
+  ):
+    _train_student(other, workdir)

@@ -12,12 +12,17 @@ Every student starts from the same FP teacher (a `WORKDIR/teacher` of an earlier
 converted checkpoint) and is trained and evaluated with the library's own QAT stage and digits-FID,
 once per (bit-width, method, seed). Prints a markdown table of mean and spread per cell.
 `--fid_every=N` also scores each run every N steps (its `fid_curve`): has the FID stopped moving?
+`--set=KEY=VALUE` (repeatable) changes any config field for every run, e.g. the paper's lambda,
+tau or switch-step ablations: `--set=qat.lrm_weight=1e-3`, `--set=qat.lr_schedule=cosine_stage2`.
 """
 
+import ast
 import json
 import os
+import subprocess
 import tempfile
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,8 +30,10 @@ from absl import app, flags, logging
 from clu import metric_writers
 
 from binarydm_jax import diffusion, evaluate, qat, sharding
+from binarydm_jax.config_validation import ConfigError, validate_config
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.quant import PRESETS
 from binarydm_jax.teacher import assert_same_architecture, load_teacher
 from configs import digits
 
@@ -48,6 +55,12 @@ flags.DEFINE_integer(
   "fid_every",
   None,
   "Also evaluate the EMA params every N QAT steps (fid_curve): a convergence check.",
+)
+flags.DEFINE_multi_string(
+  "set",
+  [],
+  "KEY=VALUE: a config override for every run (repeatable), e.g. qat.lrm_weight=1e-3; "
+  "recorded in the results JSON.",
 )
 flags.DEFINE_list("report", None, "Print the table of these results JSONs and exit.")
 
@@ -109,19 +122,105 @@ def parse_worker(spec: str) -> tuple[int, int]:
   return index, count
 
 
+def parse_overrides(specs: list[str]) -> dict[str, Any]:
+  """['qat.lrm_weight=1e-3', 'qat.lr_schedule=cosine_stage2'] -> {key: Python value}.
+
+  Values are Python literals where they parse as one (1e-3, 800, True, (1, 2)), else strings.
+  """
+  overrides = {}
+  for spec in specs:
+    key, sep, raw = spec.partition("=")
+    if not sep or not key:
+      raise app.UsageError(f"--set={spec!r}: expected KEY=VALUE, e.g. --set=qat.lrm_weight=1e-3")
+    try:
+      overrides[key] = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      overrides[key] = raw
+  return overrides
+
+
+def apply_overrides(config, overrides: dict[str, Any]) -> None:
+  """Sets each `section.field` of `config`; an unknown field or a wrong type is a UsageError."""
+  for key, value in overrides.items():
+    *sections, field = key.split(".")
+    node = config
+    try:
+      for section in sections:
+        node = node[section]
+      if field not in node:
+        raise KeyError(field)
+      node[field] = value
+    except (KeyError, TypeError, AttributeError) as e:
+      raise app.UsageError(f"--set={key}={value!r}: not a field of the digits config ({e})") from e
+
+
+def grid_configs(base, bits: list[str], methods: list[str], seeds: list[int]) -> list[tuple]:
+  """[((bits, method, seed), config)], all validated before any work starts.
+
+  Seeds outermost: a grid cut short still has every (bits, method) cell for its first seeds.
+  """
+  for flag, names, known in (("methods", methods, METHODS), ("bits", bits, PRESETS)):
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+      raise app.UsageError(f"--{flag}: unknown {unknown}; expected some of {list(known)}")
+  grid = []
+  for seed in seeds:
+    for b in bits:
+      for name in methods:
+        config = base.copy_and_resolve_references()
+        config.quant.preset = b
+        config.qat.method, config.qat.ebb, config.qat.lrm = METHODS[name]
+        config.qat.seed = seed
+        config.data.seed = seed
+        try:
+          validate_config(config)
+        except ConfigError as e:
+          raise app.UsageError(str(e)) from e
+        grid.append(((b, name, seed), config))
+  return grid
+
+
+def code_version() -> str | None:
+  """The repository's commit (short hash, '+dirty' with uncommitted changes), or None outside git.
+
+  1-bit runs are chaotic under float-level changes, so a per-seed FID belongs to one code version.
+  """
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--", "binarydm_jax", "configs", "benchmarks/*.py"],
+      cwd=here,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit + ("+dirty" if dirty else "")
+
+
 def load_results(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
+
+
+def settings_of(results: dict) -> tuple:
+  """What every run of a results JSON shares: (QAT steps, EBB form, the --set overrides)."""
+  overrides = tuple(sorted((k, repr(v)) for k, v in results.get("overrides", {}).items()))
+  return results["qat_steps"], results.get("ebb_form"), overrides
 
 
 def print_table(results: list[dict], bits: list[str], methods: list[str]) -> None:
   """Mean and spread (std over seeds) of the digits-FID per (bit-width, method), EMA then raw."""
   runs = [r for result in results for r in result["runs"]]
   teacher = [result["teacher"] for result in results if result.get("teacher") is not None]
-  settings = sorted({(result["qat_steps"], result.get("ebb_form")) for result in results})
+  settings = sorted({settings_of(result) for result in results})
   if teacher:
     print(f"teacher (FP): digits-FID {teacher[0]:.1f}")
-  print(f"(QAT steps, EBB form): {settings}")
+  print(f"(QAT steps, EBB form, overrides): {settings}")
   for key in ("fid", "fid_raw"):
     if not any(key in r for r in runs):
       continue
@@ -148,7 +247,10 @@ def main(argv):
     base.qat.num_steps = FLAGS.qat_steps
   if FLAGS.ebb_form:
     base.qat.ebb_form = FLAGS.ebb_form
+  overrides = parse_overrides(FLAGS.set)
+  apply_overrides(base, overrides)
   base.training.sample_every = FLAGS.fid_every or 10**9  # Mid-run scores only on request.
+  grid = grid_configs(base, FLAGS.bits, FLAGS.methods, [int(s) for s in FLAGS.seeds])
   mesh = sharding.make_mesh(base.mesh)
   dataset = load_dataset(base.data)
   schedule = diffusion.schedule_from_config(base.diffusion)
@@ -159,12 +261,16 @@ def main(argv):
     "teacher": None,
     "qat_steps": base.qat.num_steps,
     "ebb_form": base.qat.ebb_form,
+    "overrides": overrides,
     "runs": [],
   }
   if FLAGS.out and os.path.exists(FLAGS.out):  # Continue an earlier, interrupted ablation.
     earlier = load_results(FLAGS.out)
-    if (earlier["qat_steps"], earlier.get("ebb_form")) != (base.qat.num_steps, base.qat.ebb_form):
-      raise app.UsageError(f"--out={FLAGS.out} holds runs of other settings; use a new file")
+    if settings_of(earlier) != settings_of(results):
+      raise app.UsageError(
+        f"--out={FLAGS.out} holds runs of other settings ({settings_of(earlier)}, not "
+        f"{settings_of(results)}); use a new file"
+      )
     results = earlier
 
   def save():
@@ -179,24 +285,22 @@ def main(argv):
         "teacher", teacher_params, model, schedule, base, dataset, mesh, workdir, writer
       )["fid"]
     save()
-  # Seeds outermost: a run cut short still has every (bits, method) cell for its first seeds.
-  grid = [
-    (b, name, int(seed)) for seed in FLAGS.seeds for b in FLAGS.bits for name in FLAGS.methods
-  ]
-  for bits, name, seed in grid[worker::num_workers]:
+  for (bits, name, seed), config in grid[worker::num_workers]:
     if any((r["bits"], r["method"], r["seed"]) == (bits, name, seed) for r in results["runs"]):
       continue
-    config = base.copy_and_resolve_references()
-    config.quant.preset = bits
-    config.qat.method, config.qat.ebb, config.qat.lrm = METHODS[name]
-    config.qat.seed = seed
-    config.data.seed = seed
     started = time.time()
     fids = run_one(config, teacher_params, model, dataset, mesh, schedule)
     minutes = (time.time() - started) / 60
     logging.info("ablation %s %s seed %d: %s (%.1f min)", bits, name, seed, fids, minutes)
     results["runs"].append(
-      {"bits": bits, "method": name, "seed": seed, **fids, "minutes": round(minutes, 2)}
+      {
+        "bits": bits,
+        "method": name,
+        "seed": seed,
+        **fids,
+        "minutes": round(minutes, 2),
+        "code": code_version(),
+      }
     )
     save()
   print_table([results], FLAGS.bits, FLAGS.methods)

@@ -1,0 +1,75 @@
+"""The ablation benchmark's command line: --set overrides, the validated grid, result settings."""
+
+import re
+import subprocess
+
+import pytest
+from absl import app
+
+from benchmarks import ablation_digits as ablation
+from configs import digits
+
+
+def test_set_values_parse_as_python_literals_or_strings():
+  overrides = ablation.parse_overrides(
+    ["qat.lrm_weight=1e-3", "qat.switch_step=400", "qat.lr_schedule=cosine_stage2", "qat.lrm=True"]
+  )
+  assert overrides == {
+    "qat.lrm_weight": 1e-3,
+    "qat.switch_step": 400,
+    "qat.lr_schedule": "cosine_stage2",
+    "qat.lrm": True,
+  }
+  with pytest.raises(app.UsageError, match="expected KEY=VALUE"):
+    ablation.parse_overrides(["qat.lrm_weight"])
+
+
+def test_overrides_change_the_config_and_bad_fields_are_usage_errors():
+  config = digits.get_config()
+  ablation.apply_overrides(config, {"qat.lrm_weight": 1e-3, "qat.num_steps": 1600})
+  assert (config.qat.lrm_weight, config.qat.num_steps) == (1e-3, 1600)
+  with pytest.raises(app.UsageError, match="qat.lrm_wieght"):
+    ablation.apply_overrides(config, {"qat.lrm_wieght": 1e-3})
+  with pytest.raises(app.UsageError, match="qat.num_steps"):
+    ablation.apply_overrides(config, {"qat.num_steps": "long"})
+
+
+def test_grid_is_seed_major_validated_and_sets_each_method():
+  base = digits.get_config()
+  grid = ablation.grid_configs(base, ["W1A32", "W1A4"], ["baseline", "lrm"], [0, 1])
+  assert [key for key, _ in grid][:4] == [
+    ("W1A32", "baseline", 0),
+    ("W1A32", "lrm", 0),
+    ("W1A4", "baseline", 0),
+    ("W1A4", "lrm", 0),
+  ]
+  (_, lrm_config) = grid[1]
+  assert lrm_config.quant.preset == "W1A32"
+  assert (lrm_config.qat.method, lrm_config.qat.ebb, lrm_config.qat.lrm) == (
+    "binarydm",
+    False,
+    True,
+  )
+  assert base.qat.lrm is None  # The base config is not modified.
+  with pytest.raises(app.UsageError, match="--methods: unknown \\['lmr'\\]"):
+    ablation.grid_configs(base, ["W1A4"], ["lmr"], [0])
+  with pytest.raises(app.UsageError, match="--bits: unknown \\['W2A4'\\]"):
+    ablation.grid_configs(base, ["W2A4"], ["baseline"], [0])
+  base.qat.lr_schedule = "step"  # A bad --set value fails before any work starts.
+  with pytest.raises(app.UsageError, match="config.qat.lr_schedule='step'"):
+    ablation.grid_configs(base, ["W1A4"], ["baseline"], [0])
+
+
+def test_results_of_other_overrides_have_other_settings():
+  plain = {"qat_steps": 1600, "ebb_form": "paper", "runs": []}  # Written before --set existed.
+  assert ablation.settings_of(plain) == ablation.settings_of({**plain, "overrides": {}})
+  assert ablation.settings_of(plain) != ablation.settings_of(
+    {**plain, "overrides": {"qat.lrm_weight": 1e-3}}
+  )
+
+
+def test_code_version_names_the_checkout_commit():
+  head = subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+  ).stdout.strip()
+  assert re.fullmatch(re.escape(head) + r"(\+dirty)?", ablation.code_version())

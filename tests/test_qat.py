@@ -32,16 +32,21 @@ def tiny_config(**qat_overrides):
   return config
 
 
-def setup(config, mesh_config=None):
-  """Teacher (random init), student state and the jitted QAT step on a mesh."""
+def random_teacher(config, mesh_config=None):
+  """(mesh, dataset, teacher, random-init teacher params, noise schedule) for `config`."""
   mesh = sharding.make_mesh(mesh_config or ml_collections.ConfigDict({"data": 1, "fsdp": 1}))
   dataset = load_dataset(config.data)
   teacher = unet_from_config(config.model)
-  image_shape = dataset.train.shape[1:]
   teacher_params = teacher.init(
-    jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32)
+    jax.random.PRNGKey(0), jnp.zeros((1, *dataset.train.shape[1:])), jnp.zeros((1,), jnp.int32)
   )["params"]
-  schedule = diffusion.schedule_from_config(config.diffusion)
+  return mesh, dataset, teacher, teacher_params, diffusion.schedule_from_config(config.diffusion)
+
+
+def setup(config, mesh_config=None):
+  """Teacher (random init), student state and the jitted QAT step on a mesh."""
+  mesh, dataset, teacher, teacher_params, schedule = random_teacher(config, mesh_config)
+  image_shape = dataset.train.shape[1:]
   settings = qat.resolve_settings(config.qat)
   policy = qat.student_policy(config, settings, teacher, image_shape)
   student = with_policy(teacher, policy)
@@ -239,14 +244,7 @@ def test_step_logs_the_learning_rate():
 
 def _train_student(config, workdir):
   """`qat.train_student` from a random-init teacher, with no sampling; the final QATState."""
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}))
-  dataset = load_dataset(config.data)
-  teacher = unet_from_config(config.model)
-  image_shape = dataset.train.shape[1:]
-  teacher_params = teacher.init(
-    jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32)
-  )["params"]
-  schedule = diffusion.schedule_from_config(config.diffusion)
+  mesh, dataset, teacher, teacher_params, schedule = random_teacher(config)
   _, state = qat.train_student(
     config,
     str(workdir),

@@ -209,7 +209,8 @@ def load_results(path: str) -> dict:
 
 def settings_of(results: dict) -> tuple:
   """What every run of a results JSON shares: (QAT steps, EBB form, the --set overrides)."""
-  overrides = tuple(sorted((k, repr(v)) for k, v in results.get("overrides", {}).items()))
+  # As JSON text: a tuple override read back from a results file is a list, and must compare equal.
+  overrides = json.dumps(results.get("overrides", {}), sort_keys=True)
   return results["qat_steps"], results.get("ebb_form"), overrides
 
 
@@ -251,6 +252,7 @@ def main(argv):
   apply_overrides(base, overrides)
   base.training.sample_every = FLAGS.fid_every or 10**9  # Mid-run scores only on request.
   grid = grid_configs(base, FLAGS.bits, FLAGS.methods, [int(s) for s in FLAGS.seeds])
+  code = code_version()  # Of the code imported now, not of the tree when a run ends.
   mesh = sharding.make_mesh(base.mesh)
   dataset = load_dataset(base.data)
   schedule = diffusion.schedule_from_config(base.diffusion)
@@ -299,7 +301,7 @@ def main(argv):
         "seed": seed,
         **fids,
         "minutes": round(minutes, 2),
-        "code": code_version(),
+        "code": code,
       }
     )
     save()

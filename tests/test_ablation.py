@@ -1,5 +1,6 @@
 """The ablation benchmark's command line: --set overrides, the validated grid, result settings."""
 
+import json
 import re
 import subprocess
 
@@ -66,6 +67,8 @@ def test_results_of_other_overrides_have_other_settings():
   assert ablation.settings_of(plain) != ablation.settings_of(
     {**plain, "overrides": {"qat.lrm_weight": 1e-3}}
   )
+  fresh = {**plain, "overrides": {"model.ch_mult": (1, 2)}}  # Read back, the tuple is a list.
+  assert ablation.settings_of(fresh) == ablation.settings_of(json.loads(json.dumps(fresh)))
 
 
 def test_code_version_names_the_checkout_commit():

@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from binarydm_jax.qat_optim import LR_SCHEDULES
+from binarydm_jax.qat_optim import LR_SCHEDULES, resolve_switch_step
 
 
 class ConfigError(ValueError):
@@ -152,3 +152,22 @@ def _validate_qat(config: ml_collections.ConfigDict) -> None:
   _check(config, "qat.ebb_target_ratio", lambda v: 0.0 < v < 1.0, "a ratio in (0, 1)")
   _check(config, "qat.lrm_weight", lambda v: v >= 0, "a float >= 0")
   _check(config, "qat.lrm_axis", *_one_of(("channel", "width")))
+  _validate_qat_schedule(config.qat)
+
+
+def _validate_qat_schedule(qat: ml_collections.ConfigDict) -> None:
+  """Cross-field checks: the EBB switch must fall inside the run, and after the lr warmup."""
+  switch = resolve_switch_step(qat)
+  ebb = qat.method == "binarydm" if qat.ebb is None else qat.ebb
+  if qat.method != "fp" and ebb and 0 < qat.num_steps <= switch:
+    raise ConfigError(
+      f"config.qat.switch_step={qat.switch_step!r}: the EBB switch (step {switch}) must come "
+      f"before qat.num_steps={qat.num_steps}, or the extra bases are never removed and the "
+      "student is not 1-bit; use -1 (half the steps), a smaller step, or qat.ebb=False"
+    )
+  if qat.lr_schedule == "cosine_stage2" and qat.warmup_steps > switch:
+    raise ConfigError(
+      f"config.qat.warmup_steps={qat.warmup_steps!r}: with qat.lr_schedule='cosine_stage2' the "
+      f"decay starts at the EBB switch (step {switch}), which would cut the warmup short; use at "
+      "most that many warmup steps or a later qat.switch_step"
+    )

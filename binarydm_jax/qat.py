@@ -68,9 +68,7 @@ def resolve_settings(qat_config: ml_collections.ConfigDict) -> QATSettings:
   default = qat_config.method == "binarydm"
   ebb = default if qat_config.ebb is None else qat_config.ebb
   use_lrm = default if qat_config.lrm is None else qat_config.lrm
-  switch = qat_config.switch_step
-  if switch == -1:
-    switch = qat_config.num_steps // 2
+  switch = qat_optim.resolve_switch_step(qat_config)
   if not isinstance(switch, int) or switch < 0:
     raise ConfigError(f"config.qat.switch_step={switch!r}: expected -1 (half) or a step >= 0")
   return QATSettings(ebb=ebb, lrm=use_lrm, switch_step=switch)

@@ -27,6 +27,13 @@ REGULARIZERS = ("paper", "decoupled", "none")
 LR_SCHEDULES = ("constant", "cosine_stage2")
 
 
+def resolve_switch_step(qat_config: ml_collections.ConfigDict) -> int:
+  """The EBB switch step: `qat.switch_step`, or half of `qat.num_steps` for the default -1."""
+  if qat_config.switch_step == -1:
+    return qat_config.num_steps // 2
+  return qat_config.switch_step
+
+
 class EvolveState(NamedTuple):
   """Step counter and |sigma| at the start of QAT (for the decoupled envelope)."""
 

@@ -8,6 +8,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 
 import jax
@@ -106,7 +107,7 @@ def test_outputs(pipeline):
   teacher = evaluation["teacher"]
   assert math.isfinite(teacher["fid"]) and teacher["fid"] > 0
   assert teacher["num_samples"] == 32
-  assert teacher["feature_extractor"] == "digits_cnn_v1_16px"
+  assert re.fullmatch(r"digits_cnn_v1_16px_[0-9a-f]{8}", teacher["feature_extractor"])
   assert teacher["sampler"] == "ddim5"
 
   assert _checkpoint_steps(workdir) == [5, 10]
@@ -443,6 +444,7 @@ def test_ema_update():
     ("training.checkpoint_every", 0, r"config\.training\.checkpoint_every=0"),
     ("optim.ema_decay", 1.0, r"config\.optim\.ema_decay=1\.0"),
     ("mesh.data", 0, r"config\.mesh\.data=0"),
+    ("qat.switch_step", 10, r"config\.qat\.switch_step=10.*not 1-bit"),
   ],
 )
 def test_validate_config_names_the_key(key, value, match):
@@ -451,6 +453,18 @@ def test_validate_config_names_the_key(key, value, match):
   section, field = key.split(".")
   config[section][field] = value
   with pytest.raises(ConfigError, match=match):
+    validate_config(config)
+
+
+def test_qat_schedule_cross_checks():
+  """A switch past the run is fine without EBB; a warmup past the switch is not, under the cosine."""
+  config = digits.get_config("smoke")  # 10 QAT steps: the switch defaults to step 5.
+  config.qat.update(method="baseline", switch_step=10)
+  validate_config(config)
+  config.qat.update(method="binarydm", switch_step=-1, lr_schedule="cosine_stage2", warmup_steps=5)
+  validate_config(config)
+  config.qat.warmup_steps = 6
+  with pytest.raises(ConfigError, match=r"config\.qat\.warmup_steps=6.*step 5"):
     validate_config(config)
 
 

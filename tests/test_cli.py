@@ -8,6 +8,7 @@ the two compiles them.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -50,7 +51,7 @@ def _check_eval_json(workdir):
   teacher = results["teacher"]
   assert math.isfinite(teacher["fid"])
   assert teacher["num_samples"] == 32
-  assert teacher["feature_extractor"] == "digits_cnn_v1_16px"
+  assert re.fullmatch(r"digits_cnn_v1_16px_[0-9a-f]{8}", teacher["feature_extractor"])
   assert (workdir / "samples" / "teacher_final.png").exists()
   return results
 

@@ -1,5 +1,8 @@
 """Tests for the Frechet distance, the digits feature extractor and digits FID."""
 
+import hashlib
+import pathlib
+
 import ml_collections
 import numpy as np
 import pytest
@@ -25,19 +28,26 @@ def _scipy_reference(mu1, sigma1, mu2, sigma2) -> float:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("classifier_cache")
+def extractor(tmp_path_factory):
+  """The shipped 16px classifier (never trained here: the cache dir stays empty)."""
+  cache_dir = tmp_path_factory.mktemp("classifier_cache")
+  extractor = digits_classifier.DigitsFeatureExtractor(IMAGE_SIZE, cache_dir=str(cache_dir))
+  assert list(cache_dir.iterdir()) == []
+  return extractor
 
 
-@pytest.fixture(scope="module")
-def extractor(cache_dir):
-  return digits_classifier.DigitsFeatureExtractor(IMAGE_SIZE, cache_dir=str(cache_dir))
+def _digits(image_size: int) -> input_pipeline.ImageDataset:
+  config = {"name": "digits", "image_size": image_size, "seed": 0, "random_flip": False}
+  return input_pipeline.load_dataset(ml_collections.ConfigDict(config))
+
+
+def _fail_to_train(*args, **kwargs):
+  raise AssertionError("trained a classifier although shipped or cached params exist")
 
 
 @pytest.fixture(scope="module")
 def digits():
-  config = {"name": "digits", "image_size": IMAGE_SIZE, "seed": 0, "random_flip": False}
-  return input_pipeline.load_dataset(ml_collections.ConfigDict(config))
+  return _digits(IMAGE_SIZE)
 
 
 @pytest.mark.parametrize("dim", [1, 8, 64])
@@ -80,27 +90,30 @@ def test_feature_statistics_are_float64_mean_and_covariance():
   np.testing.assert_allclose(sigma, np.cov(features.T), rtol=1e-6)
 
 
-def test_classifier_accuracy_on_heldout(extractor, digits):
-  assert extractor.name == f"digits_cnn_v1_{IMAGE_SIZE}px"
+def test_shipped_classifier_is_named_by_its_params_and_accurate(extractor, digits, monkeypatch):
+  shipped = pathlib.Path(digits_classifier.__file__).parent / "weights"
+  payload = (shipped / f"digits_classifier_{IMAGE_SIZE}px_v1.msgpack").read_bytes()
+  assert extractor.name == f"digits_cnn_v1_{IMAGE_SIZE}px_{hashlib.sha256(payload).hexdigest()[:8]}"
   assert extractor.accuracy(digits.heldout, digits.heldout_labels) >= 0.95
+  monkeypatch.setattr(digits_classifier.DigitsFeatureExtractor, "_train", _fail_to_train)
+  assert digits_classifier.DigitsFeatureExtractor(IMAGE_SIZE).name == extractor.name
 
 
-def test_second_extractor_loads_cache_instead_of_training(
-  extractor, digits, cache_dir, monkeypatch
-):
-  path = cache_dir / f"digits_classifier_{IMAGE_SIZE}px_v1.msgpack"
-  assert path.is_file()
-  assert [p.name for p in cache_dir.iterdir()] == [path.name]  # no temp file left
+def test_unshipped_size_is_trained_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+  digits8 = _digits(8)
+  trained = digits_classifier.DigitsFeatureExtractor(8, cache_dir=str(tmp_path))
+  path = tmp_path / "digits_classifier_8px_v1.msgpack"
+  assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+  assert trained.name == f"digits_cnn_v1_8px_{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}"
+  assert trained.accuracy(digits8.heldout, digits8.heldout_labels) >= 0.9
 
-  def fail(*args, **kwargs):
-    raise AssertionError("retrained although the cache exists")
-
-  monkeypatch.setattr(digits_classifier.DigitsFeatureExtractor, "_train", fail)
-  reloaded = digits_classifier.DigitsFeatureExtractor(IMAGE_SIZE, cache_dir=str(cache_dir))
-  features = extractor.features(digits.heldout)
-  assert features.shape == (len(digits.heldout), digits_classifier.FEATURE_DIM)
+  monkeypatch.setattr(digits_classifier.DigitsFeatureExtractor, "_train", _fail_to_train)
+  reloaded = digits_classifier.DigitsFeatureExtractor(8, cache_dir=str(tmp_path))
+  features = trained.features(digits8.heldout)
+  assert features.shape == (len(digits8.heldout), digits_classifier.FEATURE_DIM)
   assert features.dtype == np.float64
-  np.testing.assert_array_equal(reloaded.features(digits.heldout), features)
+  assert reloaded.name == trained.name
+  np.testing.assert_array_equal(reloaded.features(digits8.heldout), features)
 
 
 def test_features_reject_other_image_sizes(extractor):

@@ -1,13 +1,18 @@
 """A small CNN trained on the digits train split, used as an offline FID feature extractor.
 
 InceptionV3 needs downloaded weights and 299px inputs; for the bundled digits
-this module instead trains a tiny classifier once per resolution
-(deterministically, in seconds on a CPU), caches its params, and uses its
-64-wide feature layer as the feature space for the Frechet distance.
+this module instead uses a tiny classifier's 64-wide feature layer as the
+feature space for the Frechet distance. At 16px (the digits configs) its params
+ship with the package, so a digits-FID means the same on every machine; other
+resolutions are trained once (deterministically on one machine, in seconds on a
+CPU) and cached. Floating-point differences between CPUs make retrained weights
+differ slightly, which is why the extractor's name carries a fingerprint of its
+params: two FIDs are comparable when their `feature_extractor` names match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
@@ -27,6 +32,8 @@ _NUM_CLASSES = 10
 # Bump when the architecture or training recipe changes, to invalidate caches.
 _VERSION = 1
 _DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "binarydm_jax")
+# Params shipped with the package: trained by `_train` at these resolutions (digits_classifier_*px).
+_SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 _TRAIN_SEED = 0
 _TRAIN_STEPS = 400
 _TRAIN_BATCH_SIZE = 128
@@ -60,34 +67,41 @@ class DigitsFeatureExtractor:
   (`heldout_fraction` 0.2), so it never sees the default held-out images.
 
   Attributes:
-    name: Identifies the network, resolution and recipe, e.g. "digits_cnn_v1_16px".
+    name: Identifies the network, resolution, recipe and exact params, e.g.
+      "digits_cnn_v1_16px_0123abcd" (the last part: the first 8 hex digits of their SHA-256).
     image_size: Spatial size (height = width) the network accepts.
   """
 
   def __init__(self, image_size: int, cache_dir: str | None = None):
-    """Loads the classifier for `image_size` from the cache, training it if absent.
+    """Loads the shipped classifier for `image_size`, else the cached one, else trains and caches.
 
     Args:
       image_size: Height and width of the images, as in the data config.
-      cache_dir: Where the params live; defaults to ~/.cache/binarydm_jax.
+      cache_dir: Where params trained here live; defaults to ~/.cache/binarydm_jax.
     """
     self.image_size = image_size
-    self.name = f"digits_cnn_v{_VERSION}_{image_size}px"
     self._model = _DigitsCNN()
     self._apply = jax.jit(self._model.apply)
-    cache_dir = os.path.expanduser(cache_dir or _DEFAULT_CACHE_DIR)
-    path = os.path.join(cache_dir, f"digits_classifier_{image_size}px_v{_VERSION}.msgpack")
+    filename = f"digits_classifier_{image_size}px_v{_VERSION}.msgpack"
+    shipped = os.path.join(_SHIPPED_DIR, filename)
+    cached = os.path.join(os.path.expanduser(cache_dir or _DEFAULT_CACHE_DIR), filename)
     template = self._model.init(
       jax.random.key(_TRAIN_SEED), jnp.zeros((1, image_size, image_size, 1))
     )["params"]
+    path = shipped if os.path.exists(shipped) else cached
     if os.path.exists(path):
       with open(path, "rb") as f:
-        self._params = flax.serialization.from_bytes(template, f.read())
-      logging.info("Loaded digits classifier %s from %s.", self.name, path)
+        payload = f.read()
+      self._params = flax.serialization.from_bytes(template, payload)
+      action = "Loaded"
     else:
       self._params = self._train(template)
-      _write_atomically(path, flax.serialization.to_bytes(self._params))
-      logging.info("Trained digits classifier %s, cached at %s.", self.name, path)
+      payload = flax.serialization.to_bytes(self._params)
+      _write_atomically(path, payload)
+      action = "Trained and cached"
+    fingerprint = hashlib.sha256(payload).hexdigest()[:8]
+    self.name = f"digits_cnn_v{_VERSION}_{image_size}px_{fingerprint}"
+    logging.info("%s digits classifier %s at %s.", action, self.name, path)
 
   def features(self, images: np.ndarray) -> np.ndarray:
     """Pre-ReLU activations of the 64-wide feature layer.

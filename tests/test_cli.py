@@ -87,29 +87,26 @@ def test_smoke_job_as_documented(tmp_path, session_dir):
   _check_eval_json(workdir)
 
 
-def test_unknown_config_field(tmp_path, session_dir):
+@pytest.mark.parametrize(
+  "flag,expected",
+  [
+    (
+      "--config.training.nope=1",
+      "error: unknown config field 'nope' in --config.training.nope; "
+      "see the config file for the valid fields",
+    ),
+    ("--config.data.name=mnist", "error: config.data.name='mnist': expected one of"),
+    ("--config.qat.switch_step=10", "error: config.qat.switch_step=10: the EBB switch (step 10)"),
+  ],
+)
+def test_bad_config_is_one_error_line_before_any_work(tmp_path, session_dir, flag, expected):
   result = run_main(
-    ["--config=configs/digits.py:smoke", f"--workdir={tmp_path}", "--config.training.nope=1"],
-    session_dir,
-  )
-  assert result.returncode == 1
-  assert "Traceback" not in result.stderr, result.stderr
-  assert _error_lines(result.stderr) == [
-    "error: unknown config field 'nope' in --config.training.nope; "
-    "see the config file for the valid fields"
-  ]
-  assert os.listdir(tmp_path) == []
-
-
-def test_bad_config_value(tmp_path, session_dir):
-  result = run_main(
-    ["--config=configs/digits.py:smoke", f"--workdir={tmp_path}", "--config.data.name=mnist"],
-    session_dir,
+    ["--config=configs/digits.py:smoke", f"--workdir={tmp_path}", flag], session_dir
   )
   assert result.returncode == 1
   assert "Traceback" not in result.stderr, result.stderr
   (line,) = _error_lines(result.stderr)
-  assert line.startswith("error: config.data.name='mnist': expected one of")
+  assert line.startswith(expected), line
   assert os.listdir(tmp_path) == []
 
 

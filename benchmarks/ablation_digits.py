@@ -214,8 +214,16 @@ def settings_of(results: dict) -> tuple:
   return results["qat_steps"], results.get("ebb_form"), overrides
 
 
+def _mean_std(values: list[float]) -> str:
+  """'mean ± std (n=N)' over seeds (population std), or '-' for no runs."""
+  if not values:
+    return "-"
+  return f"{np.mean(values):.1f} ± {np.std(values):.1f} (n={len(values)})"
+
+
 def print_table(results: list[dict], bits: list[str], methods: list[str]) -> None:
-  """Mean and spread (std over seeds) of the digits-FID per (bit-width, method), EMA then raw."""
+  """Mean and spread (std over seeds) of the digits-FID per (bit-width, method), EMA then raw;
+  then per bit-width each method's seeds and, for runs with a `fid_curve`, the means along it."""
   runs = [r for result in results for r in result["runs"]]
   teacher = [result["teacher"] for result in results if result.get("teacher") is not None]
   settings = sorted({settings_of(result) for result in results})
@@ -228,11 +236,38 @@ def print_table(results: list[dict], bits: list[str], methods: list[str]) -> Non
     print(f"\n{key}:\n| bits | " + " | ".join(methods) + " |")
     print("|---|" + "---|" * len(methods))
     for b in bits:
-      cells = []
-      for name in methods:
-        fids = [r[key] for r in runs if (r["bits"], r["method"]) == (b, name) and key in r]
-        cells.append(f"{np.mean(fids):.1f} ± {np.std(fids):.1f} (n={len(fids)})" if fids else "-")
+      cells = [
+        _mean_std([r[key] for r in runs if (r["bits"], r["method"]) == (b, name) and key in r])
+        for name in methods
+      ]
       print(f"| {b} | " + " | ".join(cells) + " |")
+  for b in bits:
+    print_seed_table([r for r in runs if r["bits"] == b], b, methods)
+
+
+def print_seed_table(runs: list[dict], bits: str, methods: list[str]) -> None:
+  """One bit-width's runs: a row per method with its FID per seed, their mean ± std, and the
+  mean ± std at each mid-run step that was scored (`--fid_every`)."""
+  if not runs:
+    return
+  seeds = sorted({r["seed"] for r in runs})
+  steps = sorted({int(step) for r in runs for step in r.get("fid_curve", {})})
+  print(f"\n{bits}, digits-FID per seed (EMA params):")
+  columns = [f"seed {s}" for s in seeds] + ["mean ± std"] + [f"at step {s}" for s in steps]
+  print("| method | " + " | ".join(columns) + " |")
+  print("|---|" + "---|" * len(columns))
+  for name in methods:
+    rows = [r for r in runs if r["method"] == name]
+    if not rows:
+      continue
+    by_seed = {r["seed"]: r["fid"] for r in rows}
+    cells = [f"{by_seed[s]:.1f}" if s in by_seed else "-" for s in seeds]
+    cells.append(_mean_std(list(by_seed.values())))
+    for step in steps:
+      cells.append(
+        _mean_std([r["fid_curve"][str(step)] for r in rows if str(step) in r.get("fid_curve", {})])
+      )
+    print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main(argv):

@@ -76,3 +76,24 @@ def test_code_version_names_the_checkout_commit():
     ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
   ).stdout.strip()
   assert re.fullmatch(re.escape(head) + r"(\+dirty)?", ablation.code_version())
+
+
+def test_report_merges_workers_into_means_and_per_seed_rows(capsys):
+  def run(method, seed, fid, at_800=None):
+    curve = {} if at_800 is None else {"fid_curve": {"800": at_800}}
+    return {"bits": "W1A8", "method": method, "seed": seed, "fid": fid, **curve}
+
+  settings = {"qat_steps": 1600, "ebb_form": "paper", "overrides": {}}
+  worker0 = {**settings, "teacher": 38.8, "runs": [run("baseline", 0, 50.0, 60.0)]}
+  worker1 = {
+    **settings,
+    "teacher": None,
+    "runs": [run("baseline", 1, 40.0, 50.0), run("binarydm", 1, 30.0)],
+  }
+  ablation.print_table([worker0, worker1], ["W1A8"], ["baseline", "binarydm"])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "teacher (FP): digits-FID 38.8"
+  assert "| W1A8 | 45.0 ± 5.0 (n=2) | 30.0 ± 0.0 (n=1) |" in lines
+  assert "| method | seed 0 | seed 1 | mean ± std | at step 800 |" in lines
+  assert "| baseline | 50.0 | 40.0 | 45.0 ± 5.0 (n=2) | 55.0 ± 5.0 (n=2) |" in lines
+  assert "| binarydm | - | 30.0 | 30.0 ± 0.0 (n=1) | - |" in lines

@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from binarydm_jax.qat_optim import LR_SCHEDULES, resolve_switch_step
+from binarydm_jax.qat_optim import LR_SCHEDULES, resolve_component, resolve_switch_step
 
 
 class ConfigError(ValueError):
@@ -158,8 +158,7 @@ def _validate_qat(config: ml_collections.ConfigDict) -> None:
 def _validate_qat_schedule(qat: ml_collections.ConfigDict) -> None:
   """Cross-field checks: the EBB switch must fall inside the run, and after the lr warmup."""
   switch = resolve_switch_step(qat)
-  ebb = qat.method == "binarydm" if qat.ebb is None else qat.ebb
-  if qat.method != "fp" and ebb and 0 < qat.num_steps <= switch:
+  if qat.method != "fp" and resolve_component(qat, "ebb") and 0 < qat.num_steps <= switch:
     raise ConfigError(
       f"config.qat.switch_step={qat.switch_step!r}: the EBB switch (step {switch}) must come "
       f"before qat.num_steps={qat.num_steps}, or the extra bases are never removed and the "

@@ -65,9 +65,8 @@ def resolve_settings(qat_config: ml_collections.ConfigDict) -> QATSettings:
   """Applies the method's defaults: binarydm = EBB + LRM, baseline = neither."""
   if qat_config.method not in METHODS:  # Also checked by validate_config; this is public API.
     raise ConfigError(f"config.qat.method={qat_config.method!r}: expected one of {METHODS}")
-  default = qat_config.method == "binarydm"
-  ebb = default if qat_config.ebb is None else qat_config.ebb
-  use_lrm = default if qat_config.lrm is None else qat_config.lrm
+  ebb = qat_optim.resolve_component(qat_config, "ebb")
+  use_lrm = qat_optim.resolve_component(qat_config, "lrm")
   switch = qat_optim.resolve_switch_step(qat_config)
   if not isinstance(switch, int) or switch < 0:
     raise ConfigError(f"config.qat.switch_step={switch!r}: expected -1 (half) or a step >= 0")

@@ -34,6 +34,13 @@ def resolve_switch_step(qat_config: ml_collections.ConfigDict) -> int:
   return qat_config.switch_step
 
 
+def resolve_component(qat_config: ml_collections.ConfigDict, name: str) -> bool:
+  """Whether `qat.ebb` / `qat.lrm` is on: the explicit flag, else the method's default
+  (binarydm = EBB + LRM, baseline = neither)."""
+  flag = qat_config[name]
+  return qat_config.method == "binarydm" if flag is None else flag
+
+
 class EvolveState(NamedTuple):
   """Step counter and |sigma| at the start of QAT (for the decoupled envelope)."""
 

@@ -176,19 +176,14 @@ def make_qat_step(
       return total, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-      step=state.step + 1,
-      params=params,
-      opt_state=opt_state,
-      ema_params=student_ema(state, params, qat_config, settings),
+    new_state = state.apply_gradients(
+      grads, tx, lambda params: student_ema(state, params, qat_config, settings)
     )
     metrics = {
       "loss": loss,
       **terms,
       "grad_norm": optax.tree.norm(grads),
-      "mean_abs_sigma_II": qat_optim.mean_abs_higher_scale(params),
+      "mean_abs_sigma_II": qat_optim.mean_abs_higher_scale(new_state.params),
       "ebb_stage": jnp.where(stage1, 1, 2),
       "learning_rate": lr_fn(state.step),
     }

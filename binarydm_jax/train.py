@@ -48,13 +48,10 @@ def make_train_step(
       return diffusion.eps_mse(eps, noise)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(
-      step=state.step + 1,
-      params=params,
-      opt_state=opt_state,
-      ema_params=ema_update(
+    new_state = state.apply_gradients(
+      grads,
+      tx,
+      lambda params: ema_update(
         state.ema_params,
         params,
         ema_decay_at(state.step, optim_config.ema_decay, optim_config.ema_warmup),

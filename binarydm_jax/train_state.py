@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -27,6 +28,19 @@ class TrainState:
   def step_rng(self) -> jax.Array:
     """The PRNG key of the current step."""
     return jax.random.fold_in(self.rng, self.step)
+
+  def apply_gradients(
+    self, grads: Any, tx: optax.GradientTransformation, ema_of: Callable[[Any], Any]
+  ) -> TrainState:
+    """The state after one optimizer update: step + 1, new params and `ema_of(new params)`.
+
+    `ema_of` is the caller's EMA rule (the FP and QAT stages average differently).
+    """
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    return self.replace(
+      step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema_of(params)
+    )
 
 
 def create_train_state(

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
@@ -26,7 +27,7 @@ from binarydm_jax import checkpointing, diffusion, loop, optim, sharding, train
 from binarydm_jax.config_validation import ConfigError, validate_config
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.models.unet import unet_from_config
-from binarydm_jax.train_state import TrainState, ema_decay_at, ema_update
+from binarydm_jax.train_state import TrainState, create_train_state, ema_decay_at, ema_update
 from configs import cifar, digits
 
 NUM_STEPS = 10
@@ -425,6 +426,24 @@ def test_ema_update():
   np.testing.assert_allclose(out["b"]["c"], 3.0)
   jax.tree.map(np.testing.assert_allclose, ema_update(ema, params, 0.0), params)
   jax.tree.map(np.testing.assert_allclose, ema_update(ema, params, jnp.float32(1.0)), ema)
+
+
+def test_apply_gradients_steps_updates_and_averages_the_new_params():
+  params = {"w": jnp.array([1.0, -2.0])}
+  tx = optax.sgd(0.5)
+  state = create_train_state(params, tx, jax.random.PRNGKey(0))
+  seen = []
+
+  def ema_of(new_params):
+    seen.append(new_params)
+    return ema_update(state.ema_params, new_params, 0.5)
+
+  out = state.apply_gradients({"w": jnp.array([2.0, 2.0])}, tx, ema_of)
+  assert int(out.step) == 1
+  np.testing.assert_allclose(out.params["w"], [0.0, -3.0])
+  np.testing.assert_allclose(seen[0]["w"], out.params["w"])  # the EMA rule sees the new params
+  np.testing.assert_allclose(out.ema_params["w"], [0.5, -2.5])
+  np.testing.assert_array_equal(out.rng, state.rng)
 
 
 # ------------------------------------------------------------------------ config errors

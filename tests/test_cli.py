@@ -56,6 +56,7 @@ def _check_eval_json(workdir):
   return results
 
 
+@pytest.mark.slow
 def test_smoke_job_teacher(tmp_path, session_dir):
   """The FP job (teacher + evaluation) of the smoke config, cut to 10 steps."""
   workdir = tmp_path / "smoke"

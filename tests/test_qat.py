@@ -87,6 +87,7 @@ def drop_higher(tree):
   return tree
 
 
+@pytest.mark.slow
 def test_binarydm_evolves_to_a_pure_single_basis_model():
   config = tiny_config(ebb_form="paper", switch_step=4, num_steps=6)
   state, run, student, teacher, _, dataset = setup(config)
@@ -273,6 +274,7 @@ def interrupted_and_uninterrupted(tmp_path_factory):
   return config, resumed_dir, resumed, uninterrupted
 
 
+@pytest.mark.slow
 def test_killed_qat_run_resumes_to_the_uninterrupted_state(interrupted_and_uninterrupted):
   _, _, resumed, uninterrupted = interrupted_and_uninterrupted
   assert int(resumed.step) == 6
@@ -282,6 +284,7 @@ def test_killed_qat_run_resumes_to_the_uninterrupted_state(interrupted_and_unint
   assert all(np.all(s == 0.0) for s in higher(resumed.params))  # Resumed across the switch.
 
 
+@pytest.mark.slow
 def test_student_checkpoint_of_another_bit_width_is_refused(interrupted_and_uninterrupted):
   config, workdir, *_ = interrupted_and_uninterrupted
   other = config.copy_and_resolve_references()

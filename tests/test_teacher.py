@@ -147,6 +147,7 @@ def _job_config(source):
   return config
 
 
+@pytest.mark.slow
 def test_job_starts_from_teacher_source_without_training_one(tmp_path):
   from binarydm_jax import train
 

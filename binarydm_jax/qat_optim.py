@@ -35,8 +35,10 @@ def resolve_switch_step(qat_config: ml_collections.ConfigDict) -> int:
 
 
 def resolve_component(qat_config: ml_collections.ConfigDict, name: str) -> bool:
-  """Whether `qat.ebb` / `qat.lrm` is on: the explicit flag, else the method's default
-  (binarydm = EBB + LRM, baseline = neither)."""
+  """Whether `qat.ebb` / `qat.lrm` is on: the explicit flag, else the method's default.
+
+  The defaults: binarydm = EBB + LRM, baseline = neither.
+  """
   flag = qat_config[name]
   return qat_config.method == "binarydm" if flag is None else flag
 

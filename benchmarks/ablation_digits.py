@@ -56,6 +56,12 @@ flags.DEFINE_integer(
   None,
   "Also evaluate the EMA params every N QAT steps (fid_curve): a convergence check.",
 )
+flags.DEFINE_bool(
+  "switch_fid",
+  True,
+  "EBB runs: also score the two-basis student of the switch step S and the single-basis one "
+  "that step S + 1 starts from (EMA restarted), and record the switch report.",
+)
 flags.DEFINE_multi_string(
   "set",
   [],
@@ -77,13 +83,18 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str,
   """Trains one student in a fresh workdir; its digits-FID (EMA params, as the job samples).
 
   With --raw_params also `fid_raw`: the same student's final non-averaged params; with
-  --fid_every also `fid_curve`: {step: FID of the EMA params} along the run.
+  --fid_every also `fid_curve`: {step: FID of the EMA params} along the run; with --switch_fid
+  and EBB also `switch`: the switch report of `qat.switch_transition` plus `fid_two_basis` (EMA
+  params at step S) and `fid_collapsed` (at step S + 1: sigma_II = 0, EMA restarted).
   """
   with tempfile.TemporaryDirectory() as workdir:
     writer = metric_writers.create_default_writer(workdir, just_logging=True)
 
     samplers = []  # The student's sampler, kept from the training stage for the final FIDs.
     curve = {}
+    switch = {}  # The switch report and the two FIDs around it.
+    settings = qat.resolve_settings(config.qat, config.quant)
+    score_switch = FLAGS.switch_fid and settings.ebb and settings.switch_step < config.qat.num_steps
 
     def fid(params) -> float:
       return evaluate.evaluate_sampler(
@@ -94,20 +105,39 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str,
       samplers.append(sampler)
 
       def on_sample(state, step: int) -> None:
-        if FLAGS.fid_every and step < config.qat.num_steps:  # The final FID is the `fid` entry.
+        # The final FID is the `fid` entry.
+        if FLAGS.fid_every and step % FLAGS.fid_every == 0 and step < config.qat.num_steps:
           curve[str(step)] = fid(state.ema_params)
           logging.info("ablation: step %d, digits-FID %.1f", step, curve[str(step)])
+        if score_switch and step in (settings.switch_step, settings.switch_step + 1):
+          key = "fid_two_basis" if step == settings.switch_step else "fid_collapsed"
+          switch[key] = curve.get(str(step)) or fid(state.ema_params)
+          logging.info("ablation: switch, step %d, %s %.1f", step, key, switch[key])
 
       return on_sample
 
+    def on_switch(report):  # Runs before step S, after the two-basis sample at S.
+      switch.update(report)
+
     _, state = qat.train_student(
-      config, workdir, mesh, dataset, model, teacher_params, schedule, writer, on_sample_factory
+      config,
+      workdir,
+      mesh,
+      dataset,
+      model,
+      teacher_params,
+      schedule,
+      writer,
+      on_sample_factory,
+      on_switch=on_switch if score_switch else None,
     )
     result = {"fid": fid(state.ema_params)}
     if FLAGS.raw_params:
       result["fid_raw"] = fid(state.params)
     if curve:
       result["fid_curve"] = curve
+    if switch:
+      result["switch"] = switch
     return result
 
 
@@ -214,11 +244,11 @@ def settings_of(results: dict) -> tuple:
   return results["qat_steps"], results.get("ebb_form"), overrides
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 1) -> str:
   """'mean ± std (n=N)' over seeds (population std), or '-' for no runs."""
   if not values:
     return "-"
-  return f"{np.mean(values):.1f} ± {np.std(values):.1f} (n={len(values)})"
+  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f} (n={len(values)})"
 
 
 def print_table(results: list[dict], bits: list[str], methods: list[str]) -> None:
@@ -246,14 +276,20 @@ def print_table(results: list[dict], bits: list[str], methods: list[str]) -> Non
 
 
 def print_seed_table(runs: list[dict], bits: str, methods: list[str]) -> None:
-  """One bit-width's runs: a row per method with its FID per seed, their mean ± std, and the
-  mean ± std at each mid-run step that was scored (`--fid_every`)."""
+  """One bit-width's runs: a row per method with its FID per seed, their mean ± std, the
+  mean ± std at each mid-run step that was scored (`--fid_every`) and, for runs with a switch
+  record, at the switch: the two-basis student of step S, the single-basis one of step S + 1 and
+  mean|sigma_II| / mean|sigma_I| at S."""
   if not runs:
     return
   seeds = sorted({r["seed"] for r in runs})
   steps = sorted({int(step) for r in runs for step in r.get("fid_curve", {})})
   print(f"\n{bits}, digits-FID per seed (EMA params):")
   columns = [f"seed {s}" for s in seeds] + ["mean ± std"] + [f"at step {s}" for s in steps]
+  switch_keys = ["fid_two_basis", "fid_collapsed", "sigma_II_over_sigma_I"]
+  has_switch = any("switch" in r for r in runs)
+  if has_switch:
+    columns += ["switch: 2-basis (S)", "switch: 1-basis (S+1)", "σII/σI at S"]
   print("| method | " + " | ".join(columns) + " |")
   print("|---|" + "---|" * len(columns))
   for name in methods:
@@ -267,6 +303,10 @@ def print_seed_table(runs: list[dict], bits: str, methods: list[str]) -> None:
       cells.append(
         _mean_std([r["fid_curve"][str(step)] for r in rows if str(step) in r.get("fid_curve", {})])
       )
+    if has_switch:
+      for key in switch_keys:
+        values = [r["switch"][key] for r in rows if key in r.get("switch", {})]
+        cells.append(_mean_std(values, digits=2 if key.startswith("sigma") else 1))
     print(f"| {name} | " + " | ".join(cells) + " |")
 
 

@@ -7,7 +7,13 @@ from typing import Any
 
 import ml_collections
 
-from binarydm_jax.qat_optim import LR_SCHEDULES, resolve_component, resolve_switch_step
+from binarydm_jax.qat_optim import (
+  EBB_REDUCTIONS,
+  LR_SCHEDULES,
+  resolve_component,
+  resolve_switch_step,
+)
+from binarydm_jax.switch import HANDOVERS
 
 
 class ConfigError(ValueError):
@@ -149,6 +155,8 @@ def _validate_qat(config: ml_collections.ConfigDict) -> None:
   )
   _check(config, "qat.ebb_form", *_one_of(("paper", "decoupled")))
   _check(config, "qat.ebb_tau", lambda v: v >= 0, "a float >= 0")
+  _check(config, "qat.ebb_reduction", *_one_of(EBB_REDUCTIONS))
+  _check(config, "qat.switch_handover", *_one_of(HANDOVERS))
   _check(config, "qat.ebb_target_ratio", lambda v: 0.0 < v < 1.0, "a ratio in (0, 1)")
   _check(config, "qat.lrm_weight", lambda v: v >= 0, "a float >= 0")
   _check(config, "qat.lrm_axis", *_one_of(("channel", "width")))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -38,6 +38,10 @@ class Stage:
   # image size decides which levels get attention (model.attn_resolutions), i.e. the param tree.
   structural_keys: tuple[str, ...] = ("model", "diffusion", "data.image_size")
   learning_rate_key: str = "optim.learning_rate"  # Named in the advice of a NaN-loss error.
+  # step -> f(state) -> state, applied before that step runs (e.g. the EBB switch's handover); a
+  # run resumed past the step has it in its checkpoint already.
+  transitions: Mapping[int, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
+  sample_steps: tuple[int, ...] = ()  # Extra steps at which `on_sample` runs.
 
 
 def _summarise(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -95,6 +99,8 @@ def run_stage(
   # still in flight, so the last checkpoint named in the error exists.
   with metric_writers.ensure_flushes(writer), manager:
     for step in range(start, stage.num_steps):
+      if step in stage.transitions:
+        state = stage.transitions[step](state)
       local = dataset.batch(step, stage.batch_size)
       with jax.profiler.StepTraceAnnotation(stage.name, step_num=step):
         state, metrics = stage.step_fn(state, sharding.global_batch(local, mesh))
@@ -112,6 +118,6 @@ def run_stage(
       if done % training.checkpoint_every == 0 or is_last:
         checkpointing.save(manager, done, state, config)
         last_saved = done
-      if done % training.sample_every == 0 or is_last:
+      if done % training.sample_every == 0 or is_last or done in stage.sample_steps:
         stage.on_sample(state, done)
   return state

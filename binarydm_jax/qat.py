@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -17,14 +18,22 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, lrm, qat_optim, sampling, sharding
+from binarydm_jax import diffusion, lrm, qat_optim, sampling, sharding, switch
 from binarydm_jax.config_validation import ConfigError
 from binarydm_jax.input_pipeline import ImageDataset
 from binarydm_jax.loop import Stage, run_stage
-from binarydm_jax.quant import PRESETS, binarize, param_labels, policy_from_config, with_policy
+from binarydm_jax.quant import (
+  PRESETS,
+  binarize,
+  multi_basis_configured,
+  param_labels,
+  policy_from_config,
+  with_policy,
+)
 from binarydm_jax.quant.policy import QuantPolicy
 from binarydm_jax.train_state import TrainState, ema_decay_at, ema_update
 
@@ -61,11 +70,19 @@ class QATSettings:
   switch_step: int
 
 
-def resolve_settings(qat_config: ml_collections.ConfigDict) -> QATSettings:
-  """Applies the method's defaults: binarydm = EBB + LRM, baseline = neither."""
+def resolve_settings(
+  qat_config: ml_collections.ConfigDict, quant_config: ml_collections.ConfigDict | None = None
+) -> QATSettings:
+  """Applies the method's defaults: binarydm = EBB + LRM, baseline = neither.
+
+  With `quant_config`, EBB is off when its policy gives no layer a second basis (e.g. the
+  'baseline' preset): there is nothing to evolve, so no switch and no EMA restart either.
+  """
   if qat_config.method not in METHODS:  # Also checked by validate_config; this is public API.
     raise ConfigError(f"config.qat.method={qat_config.method!r}: expected one of {METHODS}")
   ebb = qat_optim.resolve_component(qat_config, "ebb")
+  if quant_config is not None:
+    ebb = ebb and multi_basis_configured(quant_config)
   use_lrm = qat_optim.resolve_component(qat_config, "lrm")
   switch = qat_optim.resolve_switch_step(qat_config)
   if not isinstance(switch, int) or switch < 0:
@@ -88,7 +105,7 @@ def student_policy(
 
 def describe_student(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The student's bit-width (e.g. 'W1A4'; 'W32A32' for the 'fp' preset) and method, for eval.json."""
-  settings = resolve_settings(config.qat)
+  settings = resolve_settings(config.qat, config.quant)
   quant = config.quant
   act_bits = quant.act_bits if quant.act_bits != -1 else PRESETS[quant.preset][0]
   return {
@@ -163,7 +180,8 @@ def make_qat_step(
       terms = {"loss_simple": diffusion.eps_mse(eps, noise)}
       total = terms["loss_simple"]
       if paper_penalty:
-        terms["loss_ebb"] = qat_config.ebb_tau * qat_optim.ebb_penalty(params) * stage1
+        penalty = qat_optim.ebb_penalty(params, qat_config.ebb_reduction)
+        terms["loss_ebb"] = qat_config.ebb_tau * penalty * stage1
         total = total + terms["loss_ebb"]
       if settings.lrm:
         terms["loss_lrm"] = lrm.lrm_loss(
@@ -278,6 +296,7 @@ class Student:
   state: QATState
   step: Any  # (state, teacher_params, batch) -> (state, metrics), compiled on the mesh.
   settings: QATSettings
+  batches: list[tuple[jax.Array, jax.Array]]  # The calibration / PCA batches (x_t, t).
 
 
 def make_student(
@@ -289,7 +308,7 @@ def make_student(
   schedule: diffusion.Schedule,
 ) -> Student:
   """binarize(teacher) under the policy, LRM projections, the QAT optimizer and the jitted step."""
-  settings = resolve_settings(config.qat)
+  settings = resolve_settings(config.qat, config.quant)
   image_shape = dataset.train.shape[1:]
   policy = student_policy(config, settings, teacher, image_shape)
   student = with_policy(teacher, policy)
@@ -312,7 +331,56 @@ def make_student(
     state,
     teacher_params,
   )
-  return Student(model=student, state=state, step=step, settings=settings)
+  return Student(model=student, state=state, step=step, settings=settings, batches=batches)
+
+
+def switch_transition(
+  student: Student,
+  qat_config: ml_collections.ConfigDict,
+  writer: metric_writers.MetricWriter,
+  on_switch: Callable[[dict[str, Any]], None] | None = None,
+) -> Callable[[QATState], QATState]:
+  """What runs before the step numbered `switch_step`: the switch report and the handover.
+
+  The report (logged, written to TensorBoard and passed to `on_switch`) holds mean|sigma_II| and
+  mean|sigma_II| / mean|sigma_I| of the two-basis student, and the relative change of every
+  block's output on the calibration batches when sigma_II is dropped (`block_change`) and, with a
+  handover, when the handover's params replace it (`block_change_handover`).
+  """
+  step = student.settings.switch_step
+
+  def transition(state: QATState) -> QATState:
+    two_basis = state.params
+    report = {
+      "step": step,
+      "mean_abs_sigma_II": float(qat_optim.mean_abs_higher_scale(two_basis)),
+      "sigma_II_over_sigma_I": switch.higher_to_first_ratio(two_basis),
+      "block_change": switch.block_change(
+        student.model, two_basis, switch.collapse(two_basis), student.batches
+      ),
+    }
+    scalars = {
+      "student/switch_sigma_II_over_sigma_I": report["sigma_II_over_sigma_I"],
+      "student/switch_eps_change": report["block_change"]["eps"],
+    }
+    if qat_config.switch_handover != "none":
+      params = switch.handover(
+        student.model, two_basis, student.batches, qat_config.switch_handover
+      )
+      report["block_change_handover"] = switch.block_change(
+        student.model, two_basis, params, student.batches
+      )
+      scalars["student/switch_eps_change_handover"] = report["block_change_handover"]["eps"]
+      state = state.replace(
+        params=jax.device_put(params, jax.tree.map(lambda p: p.sharding, two_basis))
+      )
+    logging.info("EBB switch before step %d: %s", step, report)
+    writer.write_scalars(step, scalars)
+    if on_switch is not None:
+      on_switch(report)
+    return state
+
+  return transition
 
 
 def train_student(
@@ -325,13 +393,19 @@ def train_student(
   schedule: diffusion.Schedule,
   writer: metric_writers.MetricWriter,
   on_sample_factory,
+  on_switch: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[nn.Module, Any]:
   """Runs QAT in WORKDIR/student (resuming if possible); returns (student model, final state).
 
   Sample with the state's `ema_params` (the job does); `params` are the raw, non-averaged ones.
+  With EBB, samples are also taken at the switch step S (the two-basis student) and at S + 1
+  (the single-basis student that step S + 1 starts from, EMA restarted), and `switch_transition`
+  runs before step S (`on_switch` gets its report).
   """
   student = make_student(config, mesh, dataset, teacher, teacher_params, schedule)
   image_shape = dataset.train.shape[1:]
+  switch_step = student.settings.switch_step
+  evolves = student.settings.ebb and switch_step < config.qat.num_steps
   stage = Stage(
     name="student",
     directory=os.path.join(workdir, "student"),
@@ -340,6 +414,10 @@ def train_student(
     step_fn=lambda state, batch: student.step(state, teacher_params, batch),
     structural_keys=STRUCTURAL_KEYS,
     learning_rate_key="qat.learning_rate",
+    transitions={switch_step: switch_transition(student, config.qat, writer, on_switch)}
+    if evolves
+    else {},
+    sample_steps=(switch_step, switch_step + 1) if evolves else (),
     on_sample=on_sample_factory(
       "student", sampling.make_sampler(student.model, schedule, config.sampling, mesh, image_shape)
     ),

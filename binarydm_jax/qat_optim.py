@@ -25,6 +25,7 @@ from binarydm_jax.quant import param_labels
 
 REGULARIZERS = ("paper", "decoupled", "none")
 LR_SCHEDULES = ("constant", "cosine_stage2")
+EBB_REDUCTIONS = ("mean", "sum")
 
 
 def resolve_switch_step(qat_config: ml_collections.ConfigDict) -> int:
@@ -140,16 +141,20 @@ def higher_scales(params: Any) -> list[jnp.ndarray]:
   ]
 
 
-def ebb_penalty(params: Any) -> jnp.ndarray:
+def ebb_penalty(params: Any, reduction: str = "mean") -> jnp.ndarray:
   """(1/N) sum_i sigma_II^i over the N layers with higher-order scales (paper Eq. 9, without tau).
 
-  sigma_II is per output channel; each layer contributes its channel mean (the paper leaves the
-  reduction unspecified). Zero when no layer has higher-order scales.
+  sigma_II is per output channel and the paper leaves its reduction unspecified: each layer
+  contributes its channel `reduction` ('mean', or 'sum': C times the pull on every channel).
+  Zero when no layer has higher-order scales.
   """
+  if reduction not in EBB_REDUCTIONS:
+    raise ValueError(f"config.qat.ebb_reduction={reduction!r}: expected one of {EBB_REDUCTIONS}")
+  reduce = jnp.mean if reduction == "mean" else jnp.sum
   scales = higher_scales(params)
   if not scales:
     return jnp.zeros(())
-  return jnp.mean(jnp.stack([jnp.mean(s) for s in scales]))
+  return jnp.mean(jnp.stack([reduce(s) for s in scales]))
 
 
 def mean_abs_higher_scale(params: Any) -> jnp.ndarray:

@@ -95,6 +95,12 @@ def get_config() -> ml_collections.ConfigDict:
     "paper"  # 'paper': L_EBB = tau * mean sigma_II in the loss; 'decoupled': shrinkage.
   )
   qat.ebb_tau = 9e-2  # tau of Eq. 9 (paper: 9e-2).
+  # sigma_II^i of Eq. 9 from a layer's per-channel sigma_II: 'mean' over channels or 'sum' (C times
+  # the per-channel pull; the paper leaves it unspecified).
+  qat.ebb_reduction = "mean"
+  # At the switch: 'none' (paper: drop sigma_II) or 'refit': sigma_I re-fit (least squares) to the
+  # two-basis kernel and every activation step recalibrated on the calibration batches.
+  qat.switch_handover = "none"
   qat.ebb_target_ratio = 0.1  # decoupled form: |sigma_II| <= ratio * initial at the switch.
   qat.lrm_weight = 1e-4  # lambda of Eq. 15 (paper: 1e-4).
   qat.lrm_reduction = 4  # K: keep round(C / K) principal components (paper: 4).

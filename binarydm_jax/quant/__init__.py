@@ -22,6 +22,7 @@ from binarydm_jax.quant.presets import (
   block_resolutions,
   default_quant_config,
   head_tail_blocks,
+  multi_basis_configured,
   policy_from_config,
 )
 from binarydm_jax.quant.ste import round_ste, sign, sign_ste
@@ -54,6 +55,7 @@ __all__ = [
   "layer_shapes",
   "lsq_plus_quantize",
   "lsq_quantize",
+  "multi_basis_configured",
   "param_group",
   "param_labels",
   "policy_from_config",

@@ -182,6 +182,29 @@ def _parse_rule(raw: Any, key: str, preset_bits: int, act_quantizer: str) -> Qua
   return QuantRule(**fields)
 
 
+def multi_basis_configured(quant_config: ml_collections.ConfigDict) -> bool:
+  """Whether `config.quant` gives some binarized layer more than one basis (something for EBB).
+
+  True for a multi-basis preset with head/tail blocks and `head_tail_bases` > 1, `body_bases` > 1,
+  or a user rule with `bases` > 1.
+  """
+  defaults = default_quant_config()
+  get = lambda name: quant_config.get(name, defaults[name])  # noqa: E731
+  preset = get("preset")
+  if preset == "fp":
+    return False
+  head_tail = PRESETS.get(preset, (0, False))[1] and get("head_tail_blocks") != 0
+  rule_bases = [
+    raw.get("bases", 1) if isinstance(raw, Mapping) else (raw[2] if len(raw) > 2 else 1)
+    for raw in get("rules")
+  ]
+  return (
+    (head_tail and get("head_tail_bases") > 1)
+    or get("body_bases") > 1
+    or any((b or 1) > 1 for b in rule_bases)
+  )
+
+
 def policy_from_config(
   quant_config: ml_collections.ConfigDict,
   model: nn.Module,

@@ -10,6 +10,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from binarydm_jax.flag_parsing import parse_flags
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
   "config", None, "Path to a config file (configs/*.py[:arg]).", lock_config=True
@@ -34,24 +36,6 @@ class _QuietLibraries(pylogging.Filter):
 
   def filter(self, record: pylogging.LogRecord) -> bool:
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with an override of a missing config field as one line, not a traceback.
-
-  ml_collections raises a bare AttributeError/KeyError for e.g. `--config.training.nope=1`.
-  """
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    field = str(e.args[0] if e.args else e).strip("\"'")
-    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    print(
-      f"error: unknown config field '{field}' in {' '.join(overrides)}; "
-      "see the config file for the valid fields",
-      file=sys.stderr,
-    )
-    sys.exit(1)
 
 
 def main(argv: list[str]) -> None:

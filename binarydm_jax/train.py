@@ -18,7 +18,7 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, evaluate, optim, qat, sampling, sharding
+from binarydm_jax import diffusion, efficiency, evaluate, optim, qat, sampling, sharding
 from binarydm_jax.config_validation import validate_config
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.loop import Stage, run_stage
@@ -215,5 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "student", student_state.ema_params, student, schedule, config, dataset, mesh, workdir, writer
     ) | qat.describe_student(config)
     evaluate.write_results(results, workdir)
+    if jax.process_index() == 0:  # What the 1-bit student saves, from the model's own shapes.
+      efficiency.write_json(config, os.path.join(workdir, "efficiency.json"))
   writer.flush()
   return results

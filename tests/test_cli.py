@@ -85,7 +85,11 @@ def test_smoke_job_as_documented(tmp_path, session_dir):
     ["--config=configs/digits.py:smoke", f"--workdir={workdir}"], session_dir, timeout=900
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  _check_eval_json(workdir)
+  results = _check_eval_json(workdir)
+  assert results["student"]["bits"] == "W1A4" and results["student"]["ebb"]
+  with open(workdir / "efficiency.json") as f:
+    accounting = json.load(f)
+  assert accounting["params"] > 0 and accounting["saving"]["size"] > 1
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,12 @@ flags.DEFINE_bool(
   "EBB runs: also score the two-basis student of the switch step S and the single-basis one "
   "that step S + 1 starts from (EMA restarted), and record the switch report.",
 )
+flags.DEFINE_integer(
+  "switch_num_samples",
+  512,
+  "Samples of the two switch FIDs (the collapsed student scores in the thousands: a rough "
+  "number suffices); the final FID uses eval.num_samples.",
+)
 flags.DEFINE_multi_string(
   "set",
   [],
@@ -96,9 +102,11 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str,
     settings = qat.resolve_settings(config.qat, config.quant)
     score_switch = FLAGS.switch_fid and settings.ebb and settings.switch_step < config.qat.num_steps
 
-    def fid(params) -> float:
+    def fid(params, num_samples: int | None = None) -> float:
+      scored = config.copy_and_resolve_references()
+      scored.eval.num_samples = num_samples or config.eval.num_samples
       return evaluate.evaluate_sampler(
-        "student", samplers[0], params, config, dataset, workdir, writer
+        "student", samplers[0], params, scored, dataset, workdir, writer
       )["fid"]
 
     def on_sample_factory(name: str, sampler):
@@ -111,7 +119,8 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str,
           logging.info("ablation: step %d, digits-FID %.1f", step, curve[str(step)])
         if score_switch and step in (settings.switch_step, settings.switch_step + 1):
           key = "fid_two_basis" if step == settings.switch_step else "fid_collapsed"
-          switch[key] = curve.get(str(step)) or fid(state.ema_params)
+          switch[key] = fid(state.ema_params, FLAGS.switch_num_samples)
+          switch["num_samples"] = FLAGS.switch_num_samples
           logging.info("ablation: switch, step %d, %s %.1f", step, key, switch[key])
 
       return on_sample

@@ -74,13 +74,24 @@ def sample_many(
   return np.concatenate(batches)[:num]
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Images in [-1, 1] (clipped) as uint8 pixels 0..255."""
+  return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def upscale(images: np.ndarray, min_size: int) -> np.ndarray:
+  """NHWC images enlarged by the smallest integer factor (nearest) that makes them >= min_size."""
+  factor = max(1, math.ceil(min_size / min(images.shape[1:3])))
+  return images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
 def image_grid(images: np.ndarray) -> np.ndarray:
   """Tiles NHWC images in [-1, 1] into one square-ish uint8 grid (H', W', C) with 1px borders."""
   n, h, w, c = images.shape
   cols = math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
   grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
-  pixels = np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+  pixels = to_uint8(images)
   for i, image in enumerate(pixels):
     r, col = divmod(i, cols)
     grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = image
@@ -89,5 +100,5 @@ def image_grid(images: np.ndarray) -> np.ndarray:
 
 def save_png(grid: np.ndarray, path: str) -> None:
   """Writes a uint8 HWC grid to `path` (grayscale when C=1), creating the folder."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.quant import param_labels
 
 CIFAR10_HUB_ID = "google/ddpm-cifar10-32"
 # The files of a diffusers UNet2DModel that the converter needs (the .bin alternative needs torch).
@@ -132,6 +133,12 @@ def _load_orbax(path: pathlib.Path) -> tuple[ml_collections.ConfigDict, Any]:
       else:
         state = checkpointer.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore()))
         params = state["state"]["ema_params"]  # What the stage samples and evaluates with.
+        if set(jax.tree.leaves(param_labels(params))) - {"kernel", "other"}:
+          raise TeacherError(
+            f"orbax checkpoint {path} holds a quantized student (WORKDIR/student), not an FP "
+            "teacher; sample it with python -m binarydm_jax.sample --workdir=WORKDIR "
+            "--which=student, or export it with python -m binarydm_jax.export --workdir=WORKDIR"
+          )
         jax.tree.map(_check_shape, params, target)  # Also checks the tree structure.
     except (ValueError, KeyError, TypeError) as e:
       raise TeacherError(

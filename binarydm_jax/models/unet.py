@@ -229,6 +229,13 @@ def unet_from_config(
   )
 
 
+def param_shapes(model: nn.Module, image_shape: Sequence[int]) -> dict[str, Any]:
+  """The `params` tree of `model` on (H, W, C) images, as jax.ShapeDtypeStruct leaves (no compute)."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  return jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), x, t)["params"]
+
+
 def count_params(params: Any) -> int:
   """Total number of scalars in a param tree."""
   return sum(x.size for x in jax.tree.leaves(params))

@@ -70,6 +70,11 @@ def int_quantize_kernel(kernel: jax.Array, bits: int) -> jax.Array:
   """
   kernel = jnp.asarray(kernel, jnp.float32)
   q_p = 2 ** (bits - 1) - 1
-  absmax = jnp.max(jnp.abs(kernel), axis=_reduce_axes(kernel))
-  scale = jax.lax.stop_gradient(jnp.maximum(absmax, 1e-12) / q_p)
+  scale = jax.lax.stop_gradient(int_weight_scale(kernel, bits))
   return round_ste(jnp.clip(kernel / scale, -q_p, q_p)) * scale
+
+
+def int_weight_scale(kernel: jax.Array, bits: int) -> jax.Array:
+  """The per-output-channel step of `int_quantize_kernel`: max|kernel| / (2^(bits-1) - 1)."""
+  absmax = jnp.max(jnp.abs(jnp.asarray(kernel, jnp.float32)), axis=_reduce_axes(kernel))
+  return jnp.maximum(absmax, 1e-12) / (2 ** (bits - 1) - 1)

@@ -1,0 +1,155 @@
+"""Writes the 1-bit export of a trained single-basis student (see `layout` and `manifest`)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from binarydm_jax import qat, workdir
+from binarydm_jax.models.unet import param_shapes
+from binarydm_jax.quant.params import param_labels, scale_index
+from binarydm_jax.quant.policy import unwrap_params
+
+from . import layout, manifest
+from .manifest import ExportError
+
+Source = str | os.PathLike | tuple[ml_collections.ConfigDict, Any]
+
+
+def _single_basis(params: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+  """`params` without the higher binary bases, which must all be exactly zero."""
+  out = {}
+  for name, value in params.items():
+    path = f"{where}{name}"
+    if isinstance(value, Mapping):
+      out[name] = _single_basis(value, path + "/")
+    elif scale_index(name) is not None and scale_index(name) > 1:
+      if np.any(np.asarray(value) != 0):
+        raise ExportError(
+          f"{path} is nonzero: the student still has two bases; train past the EBB switch "
+          "(config.qat.switch_step) so that only one basis is left, then export"
+        )
+    else:
+      out[name] = np.asarray(value)
+  return out
+
+
+def fp_param_count(params: Mapping[str, Any]) -> int:
+  """Params of the FP architecture: the student's without binary scales and activation steps."""
+  labels = jax.tree.leaves(param_labels(params))
+  sizes = [np.size(leaf) for leaf in jax.tree.leaves(params)]
+  return sum(
+    size for size, label in zip(sizes, labels, strict=True) if label in ("kernel", "other")
+  )
+
+
+def _check_finite(blobs: Mapping[str, np.ndarray], fp_dtype: np.dtype) -> None:
+  for name, blob in blobs.items():
+    if blob.dtype.kind == "f" and not np.all(np.isfinite(blob.astype(np.float32))):
+      hint = f" (overflow in {fp_dtype.name}? use fp_dtype float32)" if name == layout.FP else ""
+      raise ExportError(f"the student's {name!r} params are not all finite{hint}")
+
+
+def _write_checkpoint(path: pathlib.Path, blobs: Mapping[str, np.ndarray]) -> None:
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path.absolute(), dict(blobs))
+
+
+def _prepare_out_dir(out_dir: pathlib.Path) -> pathlib.Path:
+  """A fresh temporary directory beside `out_dir`, which may only be absent or an export."""
+  if out_dir.exists() and not (out_dir / manifest.MANIFEST).is_file():
+    if not out_dir.is_dir() or any(out_dir.iterdir()):
+      raise ExportError(f"{out_dir} exists and is not an export; choose another output directory")
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  return pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+
+
+def export_student(source: Source, out_dir: str | os.PathLike, fp_dtype: str = "float32") -> dict:
+  """Writes a single-basis student as packed sign bits + scales, FP params and manifest.json.
+
+  Args:
+    source: a job's workdir (its latest WORKDIR/student checkpoint, EMA params), or
+      (config, params): the job's config and the student's EMA params (`{'params': ...}` or the
+      inner dict), e.g. `(config, state.ema_params)` after `qat.train_student`.
+    out_dir: the export directory; an earlier export there is replaced.
+    fp_dtype: storage of the full-precision params: 'float32' (exact), 'bfloat16' or 'float16'.
+
+  Returns:
+    The manifest (also in OUT_DIR/manifest.json).
+
+  Raises:
+    ExportError: a two-basis student, an unknown fp_dtype, an occupied out_dir, a workdir without
+      a student, or params that do not fit the config's student.
+  """
+  dtype = manifest.check_fp_dtype(fp_dtype)
+  step = None
+  if isinstance(source, str | os.PathLike):
+    try:
+      trained = workdir.load_student(source)
+    except workdir.WorkdirError as e:
+      raise ExportError(str(e)) from e
+    config, params, step = trained.config, trained.params, trained.step
+  else:
+    config, params = source
+  image_shape = workdir.image_shape(config)
+  model = workdir.student_model(config)
+  params = _single_basis(jax.device_get(unwrap_params(params)))
+  policy = model.layers.policy  # `layers` holds every layer's (path, kernel shape).
+  rows = layout.policy_rows([(path, shape, policy.resolve(path)) for path, shape in policy.layers])
+  student = layout.student_model(config.model, rows)
+  expected = jax.tree.map(lambda a: a.shape, param_shapes(student, image_shape))
+  if jax.tree.map(np.shape, params) != expected:
+    raise ExportError("the params do not fit the student of the config; pass the student's params")
+  blobs, kernel_bytes = layout.pack(params, rows, dtype)
+  _check_finite(blobs, dtype)
+
+  out_dir = pathlib.Path(out_dir)
+  tmp = _prepare_out_dir(out_dir)
+  try:
+    _write_checkpoint(tmp / manifest.WEIGHTS, blobs)
+    written = manifest.write(
+      tmp,
+      {
+        "format": manifest.FORMAT,
+        "format_version": manifest.FORMAT_VERSION,
+        "model": config.model.to_dict(),
+        "data": {"image_size": image_shape[0], "channels": image_shape[2]},
+        "diffusion": config.diffusion.to_dict(),
+        "sampling": config.sampling.to_dict(),
+        "student": qat.describe_student(config) | {"step": step},
+        "fp_dtype": fp_dtype,
+        "policy": layout.policy_table(rows, kernel_bytes),
+        "parts": {
+          name: {"dtype": blob.dtype.name, "count": int(blob.size), "bytes": int(blob.nbytes)}
+          for name, blob in blobs.items()
+        },
+        "fp32_bytes": 4 * fp_param_count(params),
+        "packed_bytes": int(blobs[layout.SIGNS].nbytes) if layout.SIGNS in blobs else 0,
+        "files": manifest.file_table(tmp, manifest.WEIGHTS),
+      },
+    )
+    if out_dir.exists():
+      shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return written
+
+
+def export_student_from_workdir(
+  workdir_path: str | os.PathLike,
+  out_dir: str | os.PathLike | None = None,
+  fp_dtype: str = "float32",
+) -> dict:
+  """`export_student` of a job's latest student checkpoint into OUT_DIR (default WORKDIR/export)."""
+  out_dir = out_dir if out_dir is not None else os.path.join(workdir_path, "export")
+  return export_student(workdir_path, out_dir, fp_dtype)

@@ -1,0 +1,125 @@
+"""Samples an exported student or a job's checkpoint; writes a PNG grid and optionally an npz.
+
+  python -m binarydm_jax.sample --export=DIR/export --num=64 --sampler=ddim --steps=50 --seed=0 \
+      --out=grid.png [--npz=samples.npz]
+  python -m binarydm_jax.sample --workdir=DIR --which=teacher|student --out=grid.png
+
+The grid's images are enlarged (nearest) to at least 64 px; the npz holds `arr_0`, the samples
+as uint8 NHWC. Sampler settings default to the model's own config (its `sampling` section).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from binarydm_jax import diffusion, sampling, sharding, workdir
+from binarydm_jax.export import ExportError, load_export
+from binarydm_jax.teacher import TeacherError
+
+_EXPORT = flags.DEFINE_string(
+  "export", None, "An export directory (python -m binarydm_jax.export)."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A job's --workdir, sampled with --which.")
+_WHICH = flags.DEFINE_enum("which", "student", ["teacher", "student"], "Model of --workdir.")
+_NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Default: the model's config.")
+_STEPS = flags.DEFINE_integer("steps", None, "DDIM steps; default: the config's ddim_steps.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the initial noise (and DDPM's noise).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Samples drawn per compiled call.")
+_OUT = flags.DEFINE_string("out", None, "PNG grid to write.")
+_NPZ = flags.DEFINE_string("npz", None, "Also write the samples (uint8 NHWC, key arr_0) here.")
+GRID_MIN_SIZE = 64  # Pixels per grid image at least (16 px digits are enlarged 4x).
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampleable:
+  """A model and what it needs to be sampled."""
+
+  name: str
+  model: Any
+  params: Any
+  image_shape: tuple[int, int, int]
+  diffusion: Any  # ConfigDict of the `diffusion` section.
+  sampling: Any  # ConfigDict of the `sampling` section.
+
+
+def load(export_dir: str | None, workdir_path: str | None, which: str) -> Sampleable:
+  """The model of --export, or the --which model of --workdir."""
+  if export_dir:
+    model, params, info = load_export(export_dir)
+    data = info["data"]
+    return Sampleable(
+      f"export {export_dir}",
+      model,
+      params,
+      (data["image_size"], data["image_size"], data["channels"]),
+      ml_collections.ConfigDict(info["diffusion"]),
+      ml_collections.ConfigDict(info["sampling"]),
+    )
+  trained = (workdir.load_student if which == "student" else workdir.load_teacher_stage)(
+    workdir_path
+  )
+  config = trained.config
+  return Sampleable(
+    f"{which} of {workdir_path} (step {trained.step})",
+    trained.model,
+    trained.params,
+    workdir.image_shape(config),
+    config.diffusion,
+    config.sampling,
+  )
+
+
+def draw(
+  source: Sampleable, num: int, sampler: str | None, steps: int | None, seed: int, batch: int
+) -> np.ndarray:
+  """`num` samples in [-1, 1], NHWC, over as many devices as divide the batch."""
+  settings = ml_collections.ConfigDict(source.sampling.to_dict())
+  settings.sampler = sampler or settings.sampler
+  settings.ddim_steps = steps or settings.ddim_steps
+  batch = min(batch, num)
+  devices = max(d for d in range(1, jax.device_count() + 1) if batch % d == 0)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": devices, "fsdp": 1}))
+  schedule = diffusion.schedule_from_config(source.diffusion)
+  sample = sampling.make_sampler(source.model, schedule, settings, mesh, source.image_shape)
+  params = jax.device_put(source.params, sharding.replicated(mesh))  # Restored on one device.
+  return sampling.sample_many(sample, params, jax.random.PRNGKey(seed), num, batch)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if bool(_EXPORT.value) == bool(_WORKDIR.value):
+    raise app.UsageError("pass exactly one of --export=DIR or --workdir=DIR")
+  if not (_OUT.value or _NPZ.value):
+    raise app.UsageError("pass --out=grid.png and/or --npz=samples.npz")
+  if _NUM.value < 1 or _BATCH.value < 1 or (_STEPS.value is not None and _STEPS.value < 1):
+    raise app.UsageError("--num, --batch_size and --steps must be positive")
+  try:
+    source = load(_EXPORT.value, _WORKDIR.value, _WHICH.value)
+    images = draw(source, _NUM.value, _SAMPLER.value, _STEPS.value, _SEED.value, _BATCH.value)
+  except (ExportError, workdir.WorkdirError, TeacherError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  written = []
+  if _OUT.value:
+    sampling.save_png(sampling.image_grid(sampling.upscale(images, GRID_MIN_SIZE)), _OUT.value)
+    written.append(_OUT.value)
+  if _NPZ.value:
+    os.makedirs(os.path.dirname(_NPZ.value) or ".", exist_ok=True)
+    with open(_NPZ.value, "wb") as f:  # np.savez(path) would append ".npz" to other names.
+      np.savez(f, arr_0=sampling.to_uint8(images))
+    written.append(_NPZ.value)
+  print(f"{len(images)} samples of the {source.name}: {', '.join(written)}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -18,7 +18,7 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, efficiency, evaluate, optim, qat, sampling, sharding
+from binarydm_jax import diffusion, efficiency, evaluate, export, optim, qat, sampling, sharding
 from binarydm_jax.config_validation import validate_config
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.loop import Stage, run_stage
@@ -167,6 +167,25 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return flat
 
 
+def export_final_student(config: ml_collections.ConfigDict, state: Any, workdir: str) -> None:
+  """Writes WORKDIR/export, the bit-packed 1-bit student (EMA params), replacing an earlier one.
+
+  With several processes the params may be split over hosts; export from the checkpoint on one
+  host instead (`python -m binarydm_jax.export --workdir=WORKDIR`).
+  """
+  if jax.process_count() > 1:
+    logging.info("Several processes: run `python -m binarydm_jax.export --workdir=%s`", workdir)
+    return
+  manifest = export.export_student(
+    (config, jax.device_get(state.ema_params)),
+    os.path.join(workdir, "export"),
+    config.export.fp_dtype,
+  )
+  logging.info(
+    "1-bit export: %d bytes, %.1fx smaller than FP32", manifest["export_bytes"], manifest["size_saving"]
+  )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the whole job in `workdir` and returns the contents of WORKDIR/eval.json."""
   validate_config(config)
@@ -217,5 +236,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     evaluate.write_results(results, workdir)
     if jax.process_index() == 0:  # What the 1-bit student saves, from the model's own shapes.
       efficiency.write_json(config, os.path.join(workdir, "efficiency.json"))
+    export_final_student(config, student_state, workdir)
   writer.flush()
   return results

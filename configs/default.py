@@ -108,6 +108,11 @@ def get_config() -> ml_collections.ConfigDict:
   qat.lrm_num_batches = 1  # Teacher batches that fix the PCA projections (paper: the first).
   qat.seed = 0  # Seed of the QAT noise/dropout.
 
+  config.export = export = ml_collections.ConfigDict()
+  # Storage of the full-precision params in WORKDIR/export: 'float32' (exact), 'bfloat16' or
+  # 'float16' (smaller, lossy). Binarized weights are always sign bits.
+  export.fp_dtype = "float32"
+
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ddim"  # 'ddim' or 'ddpm' (ancestral, all T steps).
   sampling.ddim_steps = 100  # DDIM steps (paper: 100).

@@ -90,6 +90,10 @@ def test_smoke_job_as_documented(tmp_path, session_dir):
   with open(workdir / "efficiency.json") as f:
     accounting = json.load(f)
   assert accounting["params"] > 0 and accounting["saving"]["size"] > 1
+  with open(workdir / "export" / "manifest.json") as f:
+    manifest = json.load(f)
+  on_disk = sum(p.stat().st_size for p in (workdir / "export").rglob("*") if p.is_file())
+  assert manifest["export_bytes"] == on_disk and manifest["size_saving"] > 1
 
 
 @pytest.mark.parametrize(

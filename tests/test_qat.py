@@ -14,6 +14,7 @@ from binarydm_jax import checkpointing, diffusion, qat, qat_optim, sharding
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import param_labels, with_policy
+from binarydm_jax.train_state import ema_decay_at
 from configs import digits
 
 
@@ -213,12 +214,27 @@ def test_ema_restarts_from_the_single_basis_params_at_the_switch(restart):
   config = tiny_config(ebb_form="paper", switch_step=3, num_steps=5, ema_decay=0.9)
   config.qat.ema_restart_at_switch = restart
   state, run, *_ = setup(config)
-  state, _ = run(state, 4)  # Steps 0..3; step 3 removes the higher bases.
+  state, _ = run(state, 3)  # Steps 0..2, all in stage 1.
+  step, ema_prev = jax.device_get((state.step, state.ema_params))
+  assert step == 3
+  state, _ = run(state, 1, start=3)  # Step 3 removes the higher bases.
   params, ema = jax.device_get((state.params, state.ema_params))
   for s in higher(ema):
     assert np.all(np.asarray(s) == 0.0)
-  same = jax.tree.leaves(jax.tree.map(lambda p, e: bool(np.array_equal(p, e)), params, ema))
-  assert all(same) == restart  # Without the restart the EMA still remembers stage 1.
+  if restart:
+    jax.tree.map(np.testing.assert_array_equal, ema, params)
+    return
+  # Without the restart the EMA still remembers stage 1: the usual update, then the collapse.
+  decay = float(ema_decay_at(jnp.asarray(step), config.qat.ema_decay, config.qat.ema_warmup))
+  assert 0 < decay < 1
+  expected = qat.collapse_higher_scales(
+    jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_prev, params), jnp.asarray(True)
+  )
+  tolerance = {"rtol": 1e-6, "atol": 1e-7}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tolerance), ema, expected)
+  assert not all(
+    jax.tree.leaves(jax.tree.map(lambda a, b: np.allclose(a, b, **tolerance), ema, params))
+  )
 
 
 def test_learning_rate_schedules():

@@ -44,9 +44,19 @@ def test_at_most_2_pow_k_values_per_output_channel(bases):
   wb = np.asarray(binarize_kernel(w, init_scales(w, bases))).reshape(-1, w.shape[-1])
   for c in range(w.shape[-1]):
     assert len(np.unique(wb[:, c])) <= 2**bases
-  # More bases approximate the kernel better.
-  err = np.mean((wb - np.asarray(w).reshape(-1, w.shape[-1])) ** 2)
-  assert err < np.mean(np.asarray(w) ** 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_more_bases_approximate_the_kernel_better(seed):
+  w = np.asarray(jax.random.normal(jax.random.key(seed), (3, 3, 8, 6)))
+  w = w * np.linspace(0.1, 2.0, 6, dtype=np.float32)  # Output channels of different magnitudes.
+  errors = []  # Per output channel, for k = 1, 2, 3.
+  for bases in (1, 2, 3):
+    wb = np.asarray(binarize_kernel(w, init_scales(w, bases)))
+    errors.append(np.mean((wb - w) ** 2, axis=(0, 1, 2)))
+  errors = np.stack(errors)
+  assert np.all(errors[1:] < errors[:-1]), errors  # In every output channel (hence overall too).
+  assert np.all(errors[0] < np.mean(w**2, axis=(0, 1, 2)))  # One basis beats an all-zero kernel.
 
 
 def test_gradients_follow_the_ste():

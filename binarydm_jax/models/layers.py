@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from binarydm_jax.quant import int8
 from binarydm_jax.quant.layers import QuantConv, QuantDense
 from binarydm_jax.quant.policy import QuantPolicy
 
@@ -31,10 +32,20 @@ class LayerFactory:
     policy: quantization policy; None builds plain nn.Conv/nn.Dense. With a policy every layer is
       a QuantConv/QuantDense (same `kernel`/`bias` params) that resolves its own treatment from
       its module path.
+    inference: 'float' (fake quantization) or 'int8' (single-basis binary layers with quantized
+      inputs on int8 operands with int32 accumulation; see `quant/int8.py`). Needs a policy.
   """
 
   dtype: Any = jnp.float32
   policy: QuantPolicy | None = None
+  inference: str = int8.FLOAT
+
+  def __post_init__(self):
+    int8.check_inference(self.inference)
+    if self.policy is None and self.inference != int8.FLOAT:
+      raise ValueError(
+        f"inference={self.inference!r} needs a quantization policy; pass one to with_policy"
+      )
 
   def conv(
     self,
@@ -56,6 +67,7 @@ class LayerFactory:
         dtype=self.dtype,
         kernel_init=kernel_init,
         policy=self.policy,
+        inference=self.inference,
         name=name,
       )
     return nn.Conv(
@@ -73,7 +85,12 @@ class LayerFactory:
     kernel_init = nn.initializers.zeros if zero_init else default_kernel_init
     if self.policy is not None:
       return QuantDense(
-        features, dtype=self.dtype, kernel_init=kernel_init, policy=self.policy, name=name
+        features,
+        dtype=self.dtype,
+        kernel_init=kernel_init,
+        policy=self.policy,
+        inference=self.inference,
+        name=name,
       )
     return nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init, name=name)
 

@@ -1,6 +1,7 @@
 """Binarized layers (sign STE, multi-basis binarizer, LSQ activations) applied by a path policy."""
 
 from binarydm_jax.quant.binarize import binarize, calibrate, with_policy
+from binarydm_jax.quant.int8 import INFERENCE_MODES, int8_params, runs_int8
 from binarydm_jax.quant.layers import CALIB_COLLECTION, QuantConv, QuantDense
 from binarydm_jax.quant.lsq import (
   calibrate_asymmetric,
@@ -32,6 +33,7 @@ from binarydm_jax.quant.weight_binarizer import binarize_kernel, init_scales, in
 __all__ = [
   "CALIB_COLLECTION",
   "FULL_PRECISION_POLICY",
+  "INFERENCE_MODES",
   "PARAM_GROUPS",
   "PRESETS",
   "LayerQuant",
@@ -49,6 +51,7 @@ __all__ = [
   "format_policy_table",
   "head_tail_blocks",
   "init_scales",
+  "int8_params",
   "int_quantize_kernel",
   "layer_paths",
   "layer_rows",
@@ -61,6 +64,7 @@ __all__ = [
   "policy_from_config",
   "policy_table",
   "round_ste",
+  "runs_int8",
   "sign",
   "sign_ste",
   "with_policy",

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from binarydm_jax.quant.int8 import FLOAT
 from binarydm_jax.quant.layers import CALIB_COLLECTION
 from binarydm_jax.quant.params import scale_index
 from binarydm_jax.quant.policy import QuantPolicy
@@ -24,9 +25,17 @@ from binarydm_jax.quant.weight_binarizer import init_scales
 _ACT_LEAVES = ("act_step", "act_offset")
 
 
-def with_policy(model: nn.Module, policy: QuantPolicy | None) -> nn.Module:
-  """A copy of the UNet whose `LayerFactory` builds layers under `policy` (None = plain FP)."""
-  return model.clone(layers=dataclasses.replace(model.layers, policy=policy))
+def with_policy(model: nn.Module, policy: QuantPolicy | None, inference: str = FLOAT) -> nn.Module:
+  """A copy of the UNet whose `LayerFactory` builds layers under `policy` (None = plain FP).
+
+  Args:
+    model: the UNet (its `layers` factory is replaced; its dtype is kept).
+    policy: the quantization policy, or None for the plain FP UNet.
+    inference: 'float' (the fake-quant forward, for training and as the reference) or 'int8':
+      every single-basis binary layer with quantized inputs runs on int8 operands with int32
+      accumulation, all other layers stay float (`quant/int8.py`). Same params in both modes.
+  """
+  return model.clone(layers=dataclasses.replace(model.layers, policy=policy, inference=inference))
 
 
 def _transfer(teacher: Mapping[str, Any], shapes: Mapping[str, Any], path: str) -> dict[str, Any]:

@@ -9,6 +9,12 @@ We use our own modules rather than Flax's `conv_general_dilated_cls`/`dot_genera
 because the hooks receive the kernel already cast to the compute dtype and would nest the scales
 under a child module; here the kernel is binarized in float32, then cast to `dtype`.
 
+Inference mode (`inference` field, set for a whole UNet by `quant.with_policy(..., inference=)`):
+'float' (default) is the fake-quant forward above. 'int8' runs every single-basis binary layer
+with quantized inputs on int8 operands with int32 accumulation (see `quant/int8.py`); all other
+layers (full precision, int-quantized weights, two or more bases, 32-bit inputs) keep the float
+path. Both modes read the same params; `int8_params` may store the kernels as int8 signs.
+
 Calibration: when the `quant_calib` collection is mutable (outside `init`), every quantized input
 recomputes its LSQ step from the batch, uses it, and stores it in `quant_calib`, so that
 `binarize.calibrate` can copy it into `params`. Otherwise the learned `act_step` is used as is.
@@ -16,6 +22,7 @@ recomputes its LSQ step from the batch, uses it, and stores it in `quant_calib`,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -24,7 +31,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
-from binarydm_jax.quant import lsq
+from binarydm_jax.quant import int8, lsq
 from binarydm_jax.quant.policy import BINARY, FULL_PRECISION, INT, LayerQuant, QuantPolicy
 from binarydm_jax.quant.weight_binarizer import binarize_kernel, init_scales, int_quantize_kernel
 
@@ -37,23 +44,46 @@ def _treatment(module: nn.Module) -> LayerQuant:
   return FULL_PRECISION if policy is None else policy.resolve(module.path)
 
 
+def _uses_int8(module: nn.Module) -> bool:
+  int8.check_inference(module.inference)
+  return module.inference == int8.INT8 and int8.runs_int8(_treatment(module))
+
+
+def _kernel_and_bias(
+  module: nn.Module, kernel_shape: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array | None]:
+  kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
+  bias = None
+  if module.use_bias:
+    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+  return kernel, bias
+
+
+def binary_scales(module: nn.Module, kernel: jax.Array, spec: LayerQuant) -> list[jax.Array]:
+  """Creates the `scale_1..scale_k` params of a 'binary' layer (init: `init_scales(kernel)`)."""
+  return [
+    module.param(f"scale_{i + 1}", lambda _, i=i: init_scales(kernel, spec.bases)[i])
+    for i in range(spec.bases)
+  ]
+
+
 def quantize_kernel(module: nn.Module, kernel: jax.Array, spec: LayerQuant) -> jax.Array:
   """The effective kernel of `module` under `spec`; creates `scale_i` params for 'binary'."""
   if spec.treatment == BINARY:
-    scales = [
-      module.param(f"scale_{i + 1}", lambda _, i=i: init_scales(kernel, spec.bases)[i])
-      for i in range(spec.bases)
-    ]
-    return binarize_kernel(kernel, scales)
+    return binarize_kernel(kernel, binary_scales(module, kernel, spec))
   if spec.treatment == INT:
     return int_quantize_kernel(kernel, spec.weight_bits)
   return kernel
 
 
-def quantize_input(module: nn.Module, x: jax.Array, spec: LayerQuant) -> jax.Array:
-  """LSQ/LSQ+ fake quantization of a layer input; creates `act_step` (and `act_offset`)."""
-  if not spec.quantizes_activations:
-    return x
+def act_quant_params(
+  module: nn.Module, x: jax.Array, spec: LayerQuant
+) -> tuple[jax.Array, jax.Array | None]:
+  """Creates `act_step` (and `act_offset` for LSQ+) of a quantized input; returns (step, offset).
+
+  The offset is None for signed LSQ. When calibrating, both come from `x` and are stored in the
+  `quant_calib` collection.
+  """
   bits = spec.act_bits
   calibrating = module.is_mutable_collection(CALIB_COLLECTION) and not module.is_initializing()
   if spec.act_quantizer == lsq.SIGNED:
@@ -61,14 +91,24 @@ def quantize_input(module: nn.Module, x: jax.Array, spec: LayerQuant) -> jax.Arr
     if calibrating:
       step = lsq.calibrate_signed(x, bits)
       module.put_variable(CALIB_COLLECTION, "act_step", step)
-    return lsq.lsq_quantize(x, step, bits)
+    return step, None
   step = module.param("act_step", lambda _: lsq.calibrate_asymmetric(x, bits)[0])
   offset = module.param("act_offset", lambda _: lsq.calibrate_asymmetric(x, bits)[1])
   if calibrating:
     step, offset = lsq.calibrate_asymmetric(x, bits)
     module.put_variable(CALIB_COLLECTION, "act_step", step)
     module.put_variable(CALIB_COLLECTION, "act_offset", offset)
-  return lsq.lsq_plus_quantize(x, step, offset, bits)
+  return step, offset
+
+
+def quantize_input(module: nn.Module, x: jax.Array, spec: LayerQuant) -> jax.Array:
+  """LSQ/LSQ+ fake quantization of a layer input; creates `act_step` (and `act_offset`)."""
+  if not spec.quantizes_activations:
+    return x
+  step, offset = act_quant_params(module, x, spec)
+  if offset is None:
+    return lsq.lsq_quantize(x, step, spec.act_bits)
+  return lsq.lsq_plus_quantize(x, step, offset, spec.act_bits)
 
 
 def quantized_operands(
@@ -76,13 +116,48 @@ def quantized_operands(
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """Creates `kernel`/`bias`, quantizes kernel and input by the policy, casts all to `dtype`."""
   spec = _treatment(module)
-  kernel = module.param("kernel", module.kernel_init, kernel_shape, module.param_dtype)
-  bias = None
-  if module.use_bias:
-    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype)
+  kernel, bias = _kernel_and_bias(module, kernel_shape)
   kernel = quantize_kernel(module, kernel, spec)
   x = quantize_input(module, x, spec)
   return promote_dtype(x, kernel, bias, dtype=module.dtype)
+
+
+Linear = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+def int8_forward(
+  module: nn.Module,
+  x: jax.Array,
+  kernel_shape: tuple[int, ...],
+  linear: Linear,
+  ones_shape: tuple[int, ...],
+) -> jax.Array:
+  """The integer path of a layer for which `int8.runs_int8` holds (formulas in `quant/int8.py`).
+
+  Args:
+    module: the QuantConv/QuantDense; its params are those of the float path (`kernel` may be
+      float or already int8 signs).
+    x: the layer input.
+    kernel_shape: shape of `kernel`.
+    linear: `linear(lhs, rhs, preferred_element_type)`, the layer's conv or dot_general.
+    ones_shape: the all-ones input whose `linear` gives the LSQ+ offset term (one example).
+
+  Returns:
+    The layer output in `module.dtype` (float32 when None).
+  """
+  spec = _treatment(module)
+  kernel, bias = _kernel_and_bias(module, kernel_shape)
+  (scale,) = binary_scales(module, kernel, spec)
+  step, offset = act_quant_params(module, x, spec)
+  codes, s, shifted_offset = int8.input_codes(x, step, offset, spec.act_bits)
+  signs = int8.kernel_signs(kernel)
+  y = linear(codes, signs, jnp.int32).astype(jnp.float32) * (s * scale)
+  if shifted_offset is not None:
+    ones = linear(jnp.ones(ones_shape, jnp.int8), signs, jnp.int32)
+    y = y + ones.astype(jnp.float32) * (shifted_offset * scale)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(module.dtype or jnp.float32)
 
 
 class QuantConv(nn.Module):
@@ -99,6 +174,7 @@ class QuantConv(nn.Module):
     kernel_init: initializer of the latent kernel.
     bias_init: initializer of the bias.
     policy: the quantization policy; None = full precision.
+    inference: 'float' (fake quantization) or 'int8' (integer path where `int8.runs_int8`).
   """
 
   features: int
@@ -111,11 +187,10 @@ class QuantConv(nn.Module):
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros_init()
   policy: QuantPolicy | None = None
+  inference: str = int8.FLOAT
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x, kernel, bias = quantized_operands(self, x, (*self.kernel_size, x.shape[-1], self.features))
-    y = jax.lax.conv_general_dilated(
+  def _conv(self, x: jax.Array, kernel: jax.Array, preferred_element_type: Any = None) -> jax.Array:
+    return jax.lax.conv_general_dilated(
       x,
       kernel,
       self.strides,
@@ -126,7 +201,16 @@ class QuantConv(nn.Module):
         x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC")
       ),
       feature_group_count=1,
+      preferred_element_type=preferred_element_type,
     )
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
+    if _uses_int8(self):
+      return int8_forward(self, x, kernel_shape, self._conv, (1, *x.shape[1:]))
+    x, kernel, bias = quantized_operands(self, x, kernel_shape)
+    y = self._conv(x, kernel)
     if bias is not None:
       y += bias.reshape((1,) * (y.ndim - 1) + bias.shape)
     return y
@@ -143,6 +227,7 @@ class QuantDense(nn.Module):
     kernel_init: initializer of the latent kernel.
     bias_init: initializer of the bias.
     policy: the quantization policy; None = full precision.
+    inference: 'float' (fake quantization) or 'int8' (integer path where `int8.runs_int8`).
   """
 
   features: int
@@ -152,11 +237,20 @@ class QuantDense(nn.Module):
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros_init()
   policy: QuantPolicy | None = None
+  inference: str = int8.FLOAT
+
+  def _dot(self, x: jax.Array, kernel: jax.Array, preferred_element_type: Any = None) -> jax.Array:
+    return jax.lax.dot_general(
+      x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=preferred_element_type
+    )
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x, kernel, bias = quantized_operands(self, x, (x.shape[-1], self.features))
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    kernel_shape = (x.shape[-1], self.features)
+    if _uses_int8(self):
+      return int8_forward(self, x, kernel_shape, self._dot, (1,) * (x.ndim - 1) + x.shape[-1:])
+    x, kernel, bias = quantized_operands(self, x, kernel_shape)
+    y = self._dot(x, kernel)
     if bias is not None:
       y += bias.reshape((1,) * (y.ndim - 1) + (-1,))
     return y

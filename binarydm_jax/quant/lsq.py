@@ -48,21 +48,39 @@ def lsq_grad_factor(numel: int, q_p: int) -> float:
   return 1.0 / math.sqrt(numel * q_p)
 
 
-def lsq_quantize(x: jax.Array, step: jax.Array, bits: int) -> jax.Array:
-  """Signed LSQ fake quantization of `x` with step `step` (a scalar), in float32."""
+def lsq_codes(x: jax.Array, step: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+  """Signed LSQ codes round(clip(x / s, Q_n, Q_p)) and the step s they multiply, in float32.
+
+  The codes are integers held in float32 (STE rounding); `s` is `step` carrying LSQ's gradient
+  scale. `lsq_quantize` is codes * s; the integer inference path casts the same codes to int8.
+  """
   q_n, q_p = signed_range(bits)
   s = scale_grad(step, lsq_grad_factor(x.size, q_p))
   x = x.astype(jnp.float32)
-  return round_ste(jnp.clip(x / s, q_n, q_p)) * s
+  return round_ste(jnp.clip(x / s, q_n, q_p)), s
 
 
-def lsq_plus_quantize(x: jax.Array, step: jax.Array, offset: jax.Array, bits: int) -> jax.Array:
-  """Asymmetric LSQ+ fake quantization with learnable `step` and `offset`, in float32."""
+def lsq_quantize(x: jax.Array, step: jax.Array, bits: int) -> jax.Array:
+  """Signed LSQ fake quantization of `x` with step `step` (a scalar), in float32."""
+  codes, s = lsq_codes(x, step, bits)
+  return codes * s
+
+
+def lsq_plus_codes(
+  x: jax.Array, step: jax.Array, offset: jax.Array, bits: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """LSQ+ codes round(clip((x - beta) / s, 0, 2^b - 1)), step s and offset beta, in float32."""
   q_n, q_p = unsigned_range(bits)
   factor = lsq_grad_factor(x.size, q_p)
   s, beta = scale_grad(step, factor), scale_grad(offset, factor)
   x = x.astype(jnp.float32)
-  return round_ste(jnp.clip((x - beta) / s, q_n, q_p)) * s + beta
+  return round_ste(jnp.clip((x - beta) / s, q_n, q_p)), s, beta
+
+
+def lsq_plus_quantize(x: jax.Array, step: jax.Array, offset: jax.Array, bits: int) -> jax.Array:
+  """Asymmetric LSQ+ fake quantization with learnable `step` and `offset`, in float32."""
+  codes, s, beta = lsq_plus_codes(x, step, offset, bits)
+  return codes * s + beta
 
 
 def calibrate_signed(x: jax.Array, bits: int) -> jax.Array:

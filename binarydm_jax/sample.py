@@ -35,6 +35,9 @@ _STEPS = flags.DEFINE_integer("steps", None, "DDIM steps; default: the config's 
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the initial noise (and DDPM's noise).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Samples drawn per compiled call.")
 _OUT = flags.DEFINE_string("out", None, "PNG grid to write.")
+_INFERENCE = flags.DEFINE_enum(
+  "inference", "float", ["float", "int8"], "--export: fake-quant float or the int8 path."
+)
 _NPZ = flags.DEFINE_string("npz", None, "Also write the samples (uint8 NHWC, key arr_0) here.")
 GRID_MIN_SIZE = 64  # Pixels per grid image at least (16 px digits are enlarged 4x).
 
@@ -51,10 +54,12 @@ class Sampleable:
   sampling: Any  # ConfigDict of the `sampling` section.
 
 
-def load(export_dir: str | None, workdir_path: str | None, which: str) -> Sampleable:
-  """The model of --export, or the --which model of --workdir."""
+def load(
+  export_dir: str | None, workdir_path: str | None, which: str, inference: str = "float"
+) -> Sampleable:
+  """The model of --export (computing in `inference` mode), or the --which model of --workdir."""
   if export_dir:
-    model, params, info = load_export(export_dir)
+    model, params, info = load_export(export_dir, inference)
     data = info["data"]
     return Sampleable(
       f"export {export_dir}",
@@ -104,7 +109,7 @@ def main(argv: list[str]) -> None:
   if _NUM.value < 1 or _BATCH.value < 1 or (_STEPS.value is not None and _STEPS.value < 1):
     raise app.UsageError("--num, --batch_size and --steps must be positive")
   try:
-    source = load(_EXPORT.value, _WORKDIR.value, _WHICH.value)
+    source = load(_EXPORT.value, _WORKDIR.value, _WHICH.value, _INFERENCE.value)
     images = draw(source, _NUM.value, _SAMPLER.value, _STEPS.value, _SEED.value, _BATCH.value)
   except (ExportError, workdir.WorkdirError, TeacherError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -182,7 +182,9 @@ def export_final_student(config: ml_collections.ConfigDict, state: Any, workdir:
     config.export.fp_dtype,
   )
   logging.info(
-    "1-bit export: %d bytes, %.1fx smaller than FP32", manifest["export_bytes"], manifest["size_saving"]
+    "1-bit export: %d bytes, %.1fx smaller than FP32",
+    manifest["export_bytes"],
+    manifest["size_saving"],
   )
 
 

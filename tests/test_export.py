@@ -121,6 +121,18 @@ def test_pack_uses_the_lce_bit_order():
 # ------------------------------------------------------------------------------- the artifact
 
 
+def test_the_int8_path_of_an_export_equals_its_float_path(student, loaded):
+  """load_export(inference='int8'): int8 sign kernels, and the student's eps within float noise."""
+  config, _, _, export_dir, _ = student
+  model, params, _ = load_export(export_dir, inference="int8")
+  assert params["input_blocks_1"]["res"]["conv_1"]["kernel"].dtype == np.int8
+  float_model, float_params, _ = loaded
+  x, t = inputs(config)
+  eps = model.apply({"params": params}, x, t)
+  reference = float_model.apply({"params": float_params}, x, t)
+  np.testing.assert_allclose(eps, reference, rtol=1e-4, atol=1e-4)
+
+
 def outputs(model, params, config):
   """eps on fixed inputs and 3-step DDIM samples from a fixed key, in one compiled program."""
   schedule = diffusion.schedule_from_config(config.diffusion)
@@ -334,8 +346,8 @@ def test_an_edited_file_is_refused(copy):
 
 def test_a_missing_manifest_or_inference_mode_is_refused(copy):
   with pytest.raises(ExportError) as e:
-    load_export(copy, inference="int8")
-  assert "inference='int8'" in one_line(e) and "float" in str(e.value)
+    load_export(copy, inference="int4")
+  assert "inference='int4'" in one_line(e) and "'int8'" in str(e.value)
   (copy / "manifest.json").unlink()
   with pytest.raises(ExportError) as e:
     load_export(copy)

@@ -27,6 +27,7 @@ import numpy as np
 
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import with_policy
+from binarydm_jax.quant.int8 import check_inference
 from binarydm_jax.quant.params import scale_index
 from binarydm_jax.quant.policy import BINARY, INT, LayerRow, QuantPolicy, QuantRule
 from binarydm_jax.quant.weight_binarizer import int_weight_scale
@@ -35,7 +36,6 @@ from .packing import num_words, pack_signs, unpack_signs
 
 SIGNS, INT8, QUANT, FP = "signs", "int8", "quant", "fp"
 BLOB_DTYPES = {SIGNS: np.uint32, INT8: np.int8, QUANT: np.float32}  # FP: the export's fp_dtype.
-INFERENCE_MODES = ("float",)  # The int8 path will join here (quant/layers.py).
 _ACT_LEAVES = ("act_step", "act_offset")
 
 
@@ -116,12 +116,12 @@ def student_model(
   Args:
     model_config: the `config.model` section.
     rows: the per-layer policy table (`policy_rows`).
-    inference: how the quantized layers compute; only 'float' (the fake-quant forward) for now.
+    inference: how the quantized layers compute: 'float' (the fake-quant forward) or 'int8'
+      (int8 signs x int8 LSQ codes, int32 accumulation: `quant.int8`).
   """
-  if inference not in INFERENCE_MODES:
-    raise ValueError(f"inference={inference!r}: expected one of {', '.join(INFERENCE_MODES)}")
+  check_inference(inference)
   model = unet_from_config(ml_collections.ConfigDict(dict(model_config)))
-  return with_policy(model, policy_from_rows(rows))
+  return with_policy(model, policy_from_rows(rows), inference)
 
 
 def _kind(name: str, treatment: str | None, where: str) -> str:

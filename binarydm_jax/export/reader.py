@@ -13,6 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from binarydm_jax.models.unet import param_shapes
+from binarydm_jax.quant import int8_params
+from binarydm_jax.quant.int8 import INT8
 
 from . import layout, manifest
 from .manifest import ExportError
@@ -35,8 +37,9 @@ def load_export(
 
   Args:
     export_dir: a directory written by `export_student`.
-    inference: how the quantized layers compute; only 'float' (the fake-quant forward of
-      training, which reproduces the student exactly) for now.
+    inference: how the quantized layers compute: 'float' (the fake-quant forward of training,
+      which reproduces the student exactly) or 'int8' (the integer path of `quant.int8`, equal
+      within float tolerance; its binarized kernels are returned as int8 signs).
 
   Returns:
     (model, params, manifest): `model.apply({'params': params}, x, t)` is the student's eps
@@ -60,4 +63,7 @@ def load_export(
     params = layout.unpack(blobs, shapes, rows)
   except ValueError as e:
     raise ExportError(f"{export_dir}: {e}") from e
-  return model, jax.tree.map(jnp.asarray, params), info
+  params = jax.tree.map(jnp.asarray, params)
+  if inference == INT8:
+    params = int8_params(params, layout.policy_from_rows(rows))
+  return model, params, info

@@ -156,6 +156,7 @@ def _validate_qat(config: ml_collections.ConfigDict) -> None:
   _check(config, "qat.ebb_form", *_one_of(("paper", "decoupled")))
   _check(config, "qat.ebb_tau", lambda v: v >= 0, "a float >= 0")
   _check(config, "qat.ebb_reduction", *_one_of(EBB_REDUCTIONS))
+  _check(config, "qat.ebb_absolute", lambda v: isinstance(v, bool), "True or False")
   from binarydm_jax.export import FP_DTYPES  # Late: export imports qat, which imports this.
 
   _check(config, "export.fp_dtype", *_one_of(FP_DTYPES))

@@ -180,7 +180,7 @@ def make_qat_step(
       terms = {"loss_simple": diffusion.eps_mse(eps, noise)}
       total = terms["loss_simple"]
       if paper_penalty:
-        penalty = qat_optim.ebb_penalty(params, qat_config.ebb_reduction)
+        penalty = qat_optim.ebb_penalty(params, qat_config.ebb_reduction, qat_config.ebb_absolute)
         terms["loss_ebb"] = qat_config.ebb_tau * penalty * stage1
         total = total + terms["loss_ebb"]
       if settings.lrm:

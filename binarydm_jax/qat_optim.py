@@ -141,11 +141,13 @@ def higher_scales(params: Any) -> list[jnp.ndarray]:
   ]
 
 
-def ebb_penalty(params: Any, reduction: str = "mean") -> jnp.ndarray:
+def ebb_penalty(params: Any, reduction: str = "mean", absolute: bool = False) -> jnp.ndarray:
   """(1/N) sum_i sigma_II^i over the N layers with higher-order scales (paper Eq. 9, without tau).
 
   sigma_II is per output channel and the paper leaves its reduction unspecified: each layer
   contributes its channel `reduction` ('mean', or 'sum': C times the pull on every channel).
+  As printed the term is signed, so it is unbounded below: a pull strong enough takes sigma_II
+  through 0 to large negative values. `absolute` penalises |sigma_II| instead (minimum at 0).
   Zero when no layer has higher-order scales.
   """
   if reduction not in EBB_REDUCTIONS:
@@ -154,7 +156,7 @@ def ebb_penalty(params: Any, reduction: str = "mean") -> jnp.ndarray:
   scales = higher_scales(params)
   if not scales:
     return jnp.zeros(())
-  return jnp.mean(jnp.stack([reduce(s) for s in scales]))
+  return jnp.mean(jnp.stack([reduce(jnp.abs(s) if absolute else s) for s in scales]))
 
 
 def mean_abs_higher_scale(params: Any) -> jnp.ndarray:

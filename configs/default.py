@@ -98,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   # sigma_II^i of Eq. 9 from a layer's per-channel sigma_II: 'mean' over channels or 'sum' (C times
   # the per-channel pull; the paper leaves it unspecified).
   qat.ebb_reduction = "mean"
+  # Penalise |sigma_II| (minimum at 0) instead of the signed sigma_II of Eq. 9 as printed, which
+  # is unbounded below (a strong pull drives sigma_II negative).
+  qat.ebb_absolute = False
   # At the switch: 'none' (paper: drop sigma_II) or 'refit': sigma_I re-fit (least squares) to the
   # two-basis kernel and every activation step recalibrated on the calibration batches.
   qat.switch_handover = "none"

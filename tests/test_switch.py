@@ -130,6 +130,9 @@ def test_sum_reduction_pulls_every_channel_c_times_harder():
   np.testing.assert_allclose(qat_optim.ebb_penalty(params, "sum"), (28.0 + 8.0) / 2)
   grads = jax.grad(lambda p: qat_optim.ebb_penalty(p, "sum"))(params)
   np.testing.assert_allclose(grads["a"]["scale_2"], 0.5)  # Mean reduction: 0.5 / 8.
+  negative = jax.tree.map(lambda x: -x, params)
+  assert qat_optim.ebb_penalty(negative, "sum") < 0  # Signed, as printed: unbounded below.
+  np.testing.assert_allclose(qat_optim.ebb_penalty(negative, "sum", absolute=True), 18.0)
   with pytest.raises(ValueError, match="ebb_reduction='max'"):
     qat_optim.ebb_penalty(params, "max")
 
@@ -180,7 +183,7 @@ def test_ebb_is_reported_only_when_some_layer_has_a_second_basis(changes, expect
 
 
 def test_switch_options_are_validated():
-  for key, value in (("ebb_reduction", "max"), ("switch_handover", "magic")):
+  for key, value in (("ebb_reduction", "max"), ("switch_handover", "magic"), ("ebb_absolute", 1)):
     config = tiny_config()
     config.qat[key] = value
     with pytest.raises(ConfigError, match=f"qat.{key}"):

@@ -183,7 +183,7 @@ def test_ebb_is_reported_only_when_some_layer_has_a_second_basis(changes, expect
 
 
 def test_switch_options_are_validated():
-  for key, value in (("ebb_reduction", "max"), ("switch_handover", "magic"), ("ebb_absolute", 1)):
+  for key, value in (("ebb_reduction", "max"), ("switch_handover", "magic")):
     config = tiny_config()
     config.qat[key] = value
     with pytest.raises(ConfigError, match=f"qat.{key}"):

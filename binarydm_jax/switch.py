@@ -63,13 +63,14 @@ def higher_to_first_ratio(params: Params) -> float:
   return float(jnp.mean(jnp.stack(ratios))) if ratios else 0.0
 
 
+def _drop_higher(layer: Params) -> dict[str, Any]:
+  """A binarized layer dict with sigma_II, sigma_III, ... set to exactly 0."""
+  return {n: jnp.zeros_like(v) if (scale_index(n) or 0) > 1 else v for n, v in layer.items()}
+
+
 def collapse(params: Params) -> dict[str, Any]:
   """The single-basis student: every sigma_II, sigma_III, ... set to exactly 0."""
-
-  def drop(_, layer):
-    return {n: jnp.zeros_like(v) if (scale_index(n) or 0) > 1 else v for n, v in layer.items()}
-
-  return _replace_layers(params, drop)
+  return _replace_layers(params, lambda _, layer: _drop_higher(layer))
 
 
 def refit_first_scales(params: Params) -> dict[str, Any]:
@@ -87,7 +88,7 @@ def refit_first_scales(params: Params) -> dict[str, Any]:
     effective = binarize_kernel(kernel, scales)
     axes = tuple(range(kernel.ndim - 1))
     first = jnp.mean(effective * sign(kernel), axis=axes).astype(layer["scale_1"].dtype)
-    return {**collapse({"_": layer})["_"], "scale_1": first}
+    return {**_drop_higher(layer), "scale_1": first}
 
   return _replace_layers(params, refit)
 

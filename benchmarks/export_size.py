@@ -1,16 +1,18 @@
-"""Bytes on disk of the 1-bit export of a config's student, per FP storage dtype.
+"""Bytes on disk of the 1-bit export of a config's student, per storage dtype.
 
-  python -m benchmarks.export_size [--config=configs/digits.py] [--fp_dtypes=float32,bfloat16]
+  python -m benchmarks.export_size [--config=configs/digits.py] [--fp_dtypes=float32,bfloat16] \
+      [--quant_dtypes=float32,float16]
 
 The student's params are random numbers of the right shapes (single basis: scale_2 = 0), so no
 training is needed; the export's size depends on the shapes, not on the values, except for the
 checkpoint's compression of the FP part (random normal weights, like trained ones, barely compress).
-Prints one markdown row per dtype: the FP32 teacher's bytes, each stored part, the manifest, the
+Prints one markdown row per (fp_dtype, quant_dtype): the FP32 teacher's bytes, each stored part, the manifest, the
 whole export directory on disk and the saving.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 
@@ -26,6 +28,7 @@ from binarydm_jax.quant.params import scale_index
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "The job's config.")
 _FP_DTYPES = flags.DEFINE_list("fp_dtypes", ["float32", "bfloat16"], f"Any of {FP_DTYPES}.")
+_QUANT_DTYPES = flags.DEFINE_list("quant_dtypes", ["float32"], f"Any of {FP_DTYPES}.")
 
 
 def random_params(config, seed: int = 0):
@@ -48,19 +51,20 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   params = random_params(config)
   print(
-    "| model | bits | fp_dtype | FP32 teacher | packed signs | quant (f32) | fp | manifest "
-    "| export on disk | size_saving |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| model | bits | fp_dtype | quant_dtype | FP32 teacher | packed signs | int8 | quant | fp "
+    "| manifest | export on disk | size_saving |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
   )
   with tempfile.TemporaryDirectory() as tmp:
-    for fp_dtype in _FP_DTYPES.value:
-      out = os.path.join(tmp, fp_dtype)
-      info = export_student((config, params), out, fp_dtype)
+    for fp_dtype, quant_dtype in itertools.product(_FP_DTYPES.value, _QUANT_DTYPES.value):
+      out = os.path.join(tmp, f"{fp_dtype}_{quant_dtype}")
+      info = export_student((config, params), out, fp_dtype, quant_dtype)
       parts = {name: part["bytes"] for name, part in info["parts"].items()}
       model = config.model
       print(
         f"| ch {model.ch}, ch_mult {tuple(model.ch_mult)}, {config.data.image_size}px "
-        f"| {info['student']['bits']} | {fp_dtype} | {info['fp32_bytes']:,} "
-        f"| {parts.get('signs', 0):,} | {parts.get('quant', 0):,} | {parts.get('fp', 0):,} "
+        f"| {info['student']['bits']} | {fp_dtype} | {quant_dtype} | {info['fp32_bytes']:,} "
+        f"| {parts.get('signs', 0):,} | {parts.get('int8', 0):,} | {parts.get('quant', 0):,} "
+        f"| {parts.get('fp', 0):,} "
         f"| {os.path.getsize(os.path.join(out, 'manifest.json')):,} "
         f"| {info['export_bytes']:,} | {info['size_saving']}x |"
       )

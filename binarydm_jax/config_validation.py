@@ -160,6 +160,7 @@ def _validate_qat(config: ml_collections.ConfigDict) -> None:
   from binarydm_jax.export import FP_DTYPES  # Late: export imports qat, which imports this.
 
   _check(config, "export.fp_dtype", *_one_of(FP_DTYPES))
+  _check(config, "export.quant_dtype", *_one_of(FP_DTYPES))
   _check(config, "qat.switch_handover", *_one_of(HANDOVERS))
   _check(config, "qat.ebb_target_ratio", lambda v: 0.0 < v < 1.0, "a ratio in (0, 1)")
   _check(config, "qat.lrm_weight", lambda v: v >= 0, "a float >= 0")

@@ -10,18 +10,15 @@ as uint8 NHWC. Sampler settings default to the model's own config (its `sampling
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-from typing import Any
 
-import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 
-from binarydm_jax import diffusion, sampling, sharding, workdir
-from binarydm_jax.export import ExportError, load_export
+from binarydm_jax import sampling, workdir
+from binarydm_jax.export import ExportError
+from binarydm_jax.sampleable import draw, load
 from binarydm_jax.teacher import TeacherError
 
 _EXPORT = flags.DEFINE_string(
@@ -40,63 +37,6 @@ _INFERENCE = flags.DEFINE_enum(
 )
 _NPZ = flags.DEFINE_string("npz", None, "Also write the samples (uint8 NHWC, key arr_0) here.")
 GRID_MIN_SIZE = 64  # Pixels per grid image at least (16 px digits are enlarged 4x).
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampleable:
-  """A model and what it needs to be sampled."""
-
-  name: str
-  model: Any
-  params: Any
-  image_shape: tuple[int, int, int]
-  diffusion: Any  # ConfigDict of the `diffusion` section.
-  sampling: Any  # ConfigDict of the `sampling` section.
-
-
-def load(
-  export_dir: str | None, workdir_path: str | None, which: str, inference: str = "float"
-) -> Sampleable:
-  """The model of --export (computing in `inference` mode), or the --which model of --workdir."""
-  if export_dir:
-    model, params, info = load_export(export_dir, inference)
-    data = info["data"]
-    return Sampleable(
-      f"export {export_dir}",
-      model,
-      params,
-      (data["image_size"], data["image_size"], data["channels"]),
-      ml_collections.ConfigDict(info["diffusion"]),
-      ml_collections.ConfigDict(info["sampling"]),
-    )
-  trained = (workdir.load_student if which == "student" else workdir.load_teacher_stage)(
-    workdir_path
-  )
-  config = trained.config
-  return Sampleable(
-    f"{which} of {workdir_path} (step {trained.step})",
-    trained.model,
-    trained.params,
-    workdir.image_shape(config),
-    config.diffusion,
-    config.sampling,
-  )
-
-
-def draw(
-  source: Sampleable, num: int, sampler: str | None, steps: int | None, seed: int, batch: int
-) -> np.ndarray:
-  """`num` samples in [-1, 1], NHWC, over as many devices as divide the batch."""
-  settings = ml_collections.ConfigDict(source.sampling.to_dict())
-  settings.sampler = sampler or settings.sampler
-  settings.ddim_steps = steps or settings.ddim_steps
-  batch = min(batch, num)
-  devices = max(d for d in range(1, jax.device_count() + 1) if batch % d == 0)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": devices, "fsdp": 1}))
-  schedule = diffusion.schedule_from_config(source.diffusion)
-  sample = sampling.make_sampler(source.model, schedule, settings, mesh, source.image_shape)
-  params = jax.device_put(source.params, sharding.replicated(mesh))  # Restored on one device.
-  return sampling.sample_many(sample, params, jax.random.PRNGKey(seed), num, batch)
 
 
 def main(argv: list[str]) -> None:

@@ -180,6 +180,7 @@ def export_final_student(config: ml_collections.ConfigDict, state: Any, workdir:
     (config, jax.device_get(state.ema_params)),
     os.path.join(workdir, "export"),
     config.export.fp_dtype,
+    config.export.quant_dtype,
   )
   logging.info(
     "1-bit export: %d bytes, %.1fx smaller than FP32",

@@ -115,6 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Storage of the full-precision params in WORKDIR/export: 'float32' (exact), 'bfloat16' or
   # 'float16' (smaller, lossy). Binarized weights are always sign bits.
   export.fp_dtype = "float32"
+  # Storage of the binary scales and activation steps: 'float32' (exact), 'float16' or 'bfloat16'.
+  export.quant_dtype = "float32"
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ddim"  # 'ddim' or 'ddpm' (ancestral, all T steps).

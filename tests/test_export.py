@@ -209,6 +209,42 @@ def test_bfloat16_rounds_only_the_fp_params(student, loaded, tmp_path):
     )
 
 
+def test_float16_quant_dtype_rounds_only_the_scales_and_steps(student, loaded, tmp_path):
+  config, _, params, _, manifest = student
+  half = export_student((config, params), tmp_path / "q16", quant_dtype="float16")
+  assert half["quant_dtype"] == "float16"
+  assert half["parts"]["quant"]["dtype"] == "float16"
+  assert half["parts"]["quant"]["bytes"] == manifest["parts"]["quant"]["bytes"] // 2
+  assert half["parts"]["fp"] == manifest["parts"]["fp"]
+  _, half_params, _ = load_export(tmp_path / "q16")
+  conv = "input_blocks_1/res/conv_1"
+  for name in ("scale_1", "act_step"):  # Quantizer params: rounded to float16.
+    rounded = np.asarray(get(params, f"{conv}/{name}"), np.float16).astype(np.float32)
+    assert not np.array_equal(rounded, get(params, f"{conv}/{name}"))
+    np.testing.assert_array_equal(get(half_params, f"{conv}/{name}"), rounded)
+  for name in ("kernel", "bias"):  # Signs and FP params stay exact.
+    np.testing.assert_array_equal(
+      get(half_params, f"{conv}/{name}"), get(loaded[1], f"{conv}/{name}")
+    )
+
+
+def test_an_int8_kernel_keeps_its_codes_under_a_16_bit_step(tmp_path):
+  config = tiny_config(fp_boundary_bits=8)
+  params = random_student(config)
+  export_student((config, params), tmp_path / "f32")
+  export_student((config, params), tmp_path / "b16", quant_dtype="bfloat16")
+  exact, rounded = (load_export(tmp_path / name)[1] for name in ("f32", "b16"))
+  kernel = get(exact, "conv_in/kernel")
+  step = np.max(np.abs(kernel), axis=(0, 1, 2)) / 127  # The float32 step of each channel.
+  step16 = np.max(np.abs(get(rounded, "conv_in/kernel")), axis=(0, 1, 2)) / 127
+  assert not np.allclose(step, step16, rtol=1e-5)
+  # The codes the student trained with, each times its channel's bfloat16-rounded step.
+  np.testing.assert_array_equal(
+    np.round(get(rounded, "conv_in/kernel") / step16), np.round(kernel / step)
+  )
+  np.testing.assert_allclose(step16, np.asarray(step, jnp.bfloat16).astype(np.float32), rtol=1e-6)
+
+
 def get(params, path):
   return functools.reduce(lambda tree, key: tree[key], path.split("/"), params)
 
@@ -290,11 +326,12 @@ def test_a_workdir_without_a_student_is_refused(tmp_path):
   assert "student" in one_line(e) and "python -m binarydm_jax.main" in str(e.value)
 
 
-def test_an_unknown_fp_dtype_is_refused(student, tmp_path):
+@pytest.mark.parametrize("option", ["fp_dtype", "quant_dtype"])
+def test_an_unknown_dtype_is_refused(student, tmp_path, option):
   config, _, params, _, _ = student
   with pytest.raises(ExportError) as e:
-    export_student((config, params), tmp_path / "out", fp_dtype="float64")
-  assert one_line(e) == "fp_dtype='float64': expected one of float32, bfloat16, float16"
+    export_student((config, params), tmp_path / "out", **{option: "float64"})
+  assert one_line(e) == f"{option}='float64': expected one of float32, bfloat16, float16"
 
 
 def test_an_occupied_out_dir_is_refused(student, tmp_path):
@@ -408,3 +445,25 @@ def test_clis_on_a_workdir(student, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert np.load(npz)["arr_0"].shape == (2, 8, 8, 1)
+
+
+@pytest.mark.slow
+def test_export_fid_benchmark_scores_each_storage_variant(tmp_path):
+  config = digits.get_config("smoke")  # 16 px: the shipped digits classifier.
+  params = random_student(config)
+  save_stage(tmp_path / "student", config, student_state(params), 7)
+  result = run_module(
+    "benchmarks.export_fid",
+    f"--workdir={tmp_path}",
+    "--num_samples=8",
+    "--variants=bfloat16/float16",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ")]
+  variants = [row[0].strip() for row in rows[1:]]
+  assert variants == ["float32/float32", "bfloat16/float16"]  # The exact export comes first.
+  (_, bytes32, saving32, fid32, change32), (_, bytes16, saving16, fid16, change16) = rows[1:]
+  assert float(change32) == 0.0 and float(change16) > 0.0  # Rounded params move the samples.
+  assert int(bytes16.replace(",", "")) < int(bytes32.replace(",", ""))
+  assert float(saving16.strip(" x")) > float(saving32.strip(" x"))
+  assert np.isfinite(float(fid32)) and np.isfinite(float(fid16))

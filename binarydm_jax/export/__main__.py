@@ -1,4 +1,5 @@
-"""`python -m binarydm_jax.export --workdir=DIR [--out=DIR/export] [--fp_dtype=float32]`."""
+"""`python -m binarydm_jax.export --workdir=DIR [--out=DIR/export] [--fp_dtype=float32]
+[--quant_dtype=float32]`."""
 
 from absl import app, flags
 
@@ -11,13 +12,20 @@ _OUT = flags.DEFINE_string("out", None, "Export directory (default: WORKDIR/expo
 _FP_DTYPE = flags.DEFINE_string(
   "fp_dtype", "float32", f"Storage of the full-precision params: {', '.join(FP_DTYPES)}."
 )
+_QUANT_DTYPE = flags.DEFINE_string(
+  "quant_dtype",
+  "float32",
+  f"Storage of the binary scales and activation steps: {', '.join(FP_DTYPES)}.",
+)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    info = export_student_from_workdir(_WORKDIR.value, _OUT.value, _FP_DTYPE.value)
+    info = export_student_from_workdir(
+      _WORKDIR.value, _OUT.value, _FP_DTYPE.value, _QUANT_DTYPE.value
+    )
   except ExportError as e:
     raise SystemExit(f"error: {e}") from None
   out = _OUT.value or f"{_WORKDIR.value}/export"

@@ -4,7 +4,8 @@ An export holds four flat arrays ("blobs"), so that the checkpoint's per-array o
 dominate a small model:
   * `signs` (uint32): the packed sign bits of every binarized kernel (`packing.pack_signs`);
   * `int8` (int8): the weight codes of the layers with int weights (`fp_boundary_bits=8`);
-  * `quant` (float32): binary scales (`scale_1`), activation steps/offsets, int weight steps;
+  * `quant` (the export's quant_dtype): binary scales (`scale_1`), activation steps/offsets, int
+    weight steps;
   * `fp` (the export's fp_dtype): everything else (FP layers, biases, GroupNorm scales/biases).
 Params are visited in the order of `jax.tree.flatten_with_path` of the student's param tree, which
 the loader rebuilds from the manifest alone (architecture + per-layer policy); each param takes
@@ -35,7 +36,6 @@ from binarydm_jax.quant.weight_binarizer import int_weight_scale
 from .packing import num_words, pack_signs, unpack_signs
 
 SIGNS, INT8, QUANT, FP = "signs", "int8", "quant", "fp"
-BLOB_DTYPES = {SIGNS: np.uint32, INT8: np.int8, QUANT: np.float32}  # FP: the export's fp_dtype.
 _ACT_LEAVES = ("act_step", "act_offset")
 
 
@@ -147,8 +147,10 @@ def entries(params: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> lis
   return out
 
 
-def encode(entry: Entry, value: np.ndarray, fp_dtype: np.dtype) -> list[tuple[str, np.ndarray]]:
-  """The flat (blob, values) segments that store one param."""
+def encode(
+  entry: Entry, value: np.ndarray, dtypes: Mapping[str, np.dtype]
+) -> list[tuple[str, np.ndarray]]:
+  """The flat (blob, values) segments that store one param; `dtypes` of the QUANT and FP blobs."""
   value = np.asarray(value, np.float32)
   if entry.kind == SIGNS:
     return [(SIGNS, pack_signs(value).ravel())]
@@ -156,10 +158,9 @@ def encode(entry: Entry, value: np.ndarray, fp_dtype: np.dtype) -> list[tuple[st
     q_p = 2 ** (entry.weight_bits - 1) - 1
     scale = np.asarray(int_weight_scale(value, entry.weight_bits))
     codes = np.round(np.clip(value / scale, -q_p, q_p)).astype(np.int8)
-    return [(INT8, codes.ravel()), (QUANT, scale)]
-  if entry.kind == QUANT:
-    return [(QUANT, value.ravel())]
-  return [(FP, value.astype(fp_dtype).ravel())]
+    # The codes the student trained with; a 16-bit step only rescales each channel slightly.
+    return [(INT8, codes.ravel()), (QUANT, scale.astype(dtypes[QUANT]))]
+  return [(entry.kind, value.astype(dtypes[entry.kind]).ravel())]
 
 
 def decode(entry: Entry, take: Callable[[str, int], np.ndarray]) -> np.ndarray:
@@ -171,13 +172,13 @@ def decode(entry: Entry, take: Callable[[str, int], np.ndarray]) -> np.ndarray:
     shape = (c_out, *spatial, num_words(c_in))
     return unpack_signs(take(SIGNS, math.prod(shape)).reshape(shape), c_in)
   codes = take(INT8, math.prod(entry.shape)).reshape(entry.shape)
-  return codes.astype(np.float32) * take(QUANT, c_out)
+  return codes.astype(np.float32) * take(QUANT, c_out).astype(np.float32)
 
 
 def pack(
-  params: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], fp_dtype: np.dtype
+  params: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], dtypes: Mapping[str, np.dtype]
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Encodes a student's params into the blobs.
+  """Encodes a student's params into the blobs; `dtypes` of the QUANT and FP blobs.
 
   Returns:
     (blobs: name -> 1-D array, only the non-empty ones; stored bytes of each layer's kernel).
@@ -186,7 +187,7 @@ def pack(
   kernel_bytes = {}
   for entry in entries(params, rows):
     value = functools.reduce(lambda tree, key: tree[key], entry.path, params)
-    encoded = encode(entry, value, fp_dtype)
+    encoded = encode(entry, value, dtypes)
     for blob, values in encoded:
       segments[blob].append(values)
     if entry.path[-1] == "kernel":

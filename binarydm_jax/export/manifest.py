@@ -30,10 +30,10 @@ class ExportError(Exception):
   """A student that cannot be exported or an export that cannot be loaded; one line of advice."""
 
 
-def check_fp_dtype(name: str) -> np.dtype:
-  """The numpy dtype of the FP params for `fp_dtype=name`."""
+def check_dtype(name: str, option: str = "fp_dtype") -> np.dtype:
+  """The numpy dtype of `option=name` (`fp_dtype` or `quant_dtype`: one of FP_DTYPES)."""
   if name not in FP_DTYPES:
-    raise ExportError(f"fp_dtype={name!r}: expected one of {', '.join(FP_DTYPES)}")
+    raise ExportError(f"{option}={name!r}: expected one of {', '.join(FP_DTYPES)}")
   return np.dtype(jnp.dtype(name))
 
 

@@ -52,10 +52,13 @@ def fp_param_count(params: Mapping[str, Any]) -> int:
   )
 
 
-def _check_finite(blobs: Mapping[str, np.ndarray], fp_dtype: np.dtype) -> None:
+def _check_finite(blobs: Mapping[str, np.ndarray], options: Mapping[str, str]) -> None:
+  """Refuses non-finite params, naming the dtype option whose range they may have overflowed."""
   for name, blob in blobs.items():
     if blob.dtype.kind == "f" and not np.all(np.isfinite(blob.astype(np.float32))):
-      hint = f" (overflow in {fp_dtype.name}? use fp_dtype float32)" if name == layout.FP else ""
+      hint = ""
+      if name in options and blob.dtype != np.float32:
+        hint = f" (overflow in {blob.dtype.name}? use {options[name]} float32)"
       raise ExportError(f"the student's {name!r} params are not all finite{hint}")
 
 
@@ -73,7 +76,12 @@ def _prepare_out_dir(out_dir: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
 
 
-def export_student(source: Source, out_dir: str | os.PathLike, fp_dtype: str = "float32") -> dict:
+def export_student(
+  source: Source,
+  out_dir: str | os.PathLike,
+  fp_dtype: str = "float32",
+  quant_dtype: str = "float32",
+) -> dict:
   """Writes a single-basis student as packed sign bits + scales, FP params and manifest.json.
 
   Args:
@@ -82,15 +90,19 @@ def export_student(source: Source, out_dir: str | os.PathLike, fp_dtype: str = "
       inner dict), e.g. `(config, state.ema_params)` after `qat.train_student`.
     out_dir: the export directory; an earlier export there is replaced.
     fp_dtype: storage of the full-precision params: 'float32' (exact), 'bfloat16' or 'float16'.
+    quant_dtype: storage of the binary scales, activation steps/offsets and int weight steps:
+      'float32' (exact), 'float16' or 'bfloat16'.
 
   Returns:
     The manifest (also in OUT_DIR/manifest.json).
 
   Raises:
-    ExportError: a two-basis student, an unknown fp_dtype, an occupied out_dir, a workdir without
+    ExportError: a two-basis student, an unknown dtype, an occupied out_dir, a workdir without
       a student, or params that do not fit the config's student.
   """
-  dtype = manifest.check_fp_dtype(fp_dtype)
+  options = {layout.FP: "fp_dtype", layout.QUANT: "quant_dtype"}
+  names = {layout.FP: fp_dtype, layout.QUANT: quant_dtype}
+  dtypes = {blob: manifest.check_dtype(names[blob], option) for blob, option in options.items()}
   step = None
   if isinstance(source, str | os.PathLike):
     try:
@@ -109,8 +121,8 @@ def export_student(source: Source, out_dir: str | os.PathLike, fp_dtype: str = "
   expected = jax.tree.map(lambda a: a.shape, param_shapes(student, image_shape))
   if jax.tree.map(np.shape, params) != expected:
     raise ExportError("the params do not fit the student of the config; pass the student's params")
-  blobs, kernel_bytes = layout.pack(params, rows, dtype)
-  _check_finite(blobs, dtype)
+  blobs, kernel_bytes = layout.pack(params, rows, dtypes)
+  _check_finite(blobs, options)
 
   out_dir = pathlib.Path(out_dir)
   tmp = _prepare_out_dir(out_dir)
@@ -127,6 +139,7 @@ def export_student(source: Source, out_dir: str | os.PathLike, fp_dtype: str = "
         "sampling": config.sampling.to_dict(),
         "student": qat.describe_student(config) | {"step": step},
         "fp_dtype": fp_dtype,
+        "quant_dtype": quant_dtype,
         "policy": layout.policy_table(rows, kernel_bytes),
         "parts": {
           name: {"dtype": blob.dtype.name, "count": int(blob.size), "bytes": int(blob.nbytes)}
@@ -149,7 +162,8 @@ def export_student_from_workdir(
   workdir_path: str | os.PathLike,
   out_dir: str | os.PathLike | None = None,
   fp_dtype: str = "float32",
+  quant_dtype: str = "float32",
 ) -> dict:
   """`export_student` of a job's latest student checkpoint into OUT_DIR (default WORKDIR/export)."""
   out_dir = out_dir if out_dir is not None else os.path.join(workdir_path, "export")
-  return export_student(workdir_path, out_dir, fp_dtype)
+  return export_student(workdir_path, out_dir, fp_dtype, quant_dtype)

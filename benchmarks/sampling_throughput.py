@@ -1,4 +1,4 @@
-"""DDIM sampling throughput: FP teacher, fake-quant W1A4 student and its int8 path, side by side.
+"""DDIM sampling throughput: FP teacher, fake-quant W1A4 student and its int8 export, side by side.
 
   python -m benchmarks.sampling_throughput --config=configs/digits.py --batch=64 --steps=20
   python -m benchmarks.sampling_throughput --config=configs/cifar.py --batch=64 --steps=2
@@ -6,7 +6,8 @@
 Builds the config's UNet with random weights (throughput does not depend on their values), the
 single-basis student of the config's `quant` section (`head_tail_bases` forced to 1, so every
 binary layer has one basis; default W1A4) binarized from it and calibrated on a noise batch, and
-the same student in `inference='int8'` with `quant.int8_params`. Each model samples `--batch`
+that student written as a 1-bit export (`export_student`) and read back with
+`load_export(inference='int8')`; the export's size saving is printed too. Each model samples `--batch`
 images with a jitted DDIM sampler of `--steps` steps (`diffusion.ddim_sample`, the config's eta and
 clipping). After compilation and one warm-up call, `--repeats` rounds alternate between the models,
 so machine load hits all alike; the medians are printed as a markdown table with the ratios.
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from binarydm_jax import diffusion, quant
+from binarydm_jax import diffusion, export, quant
 from binarydm_jax.models.unet import UNet, unet_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Model config.")
@@ -102,14 +104,16 @@ def main(argv: list[str]) -> None:
   student = quant.binarize(teacher, policy, (x, t), model=model)
   paths = quant.layer_paths(student)
   int8_layers = sum(quant.runs_int8(policy.resolve(p)) for p in paths)
+  export_config = config.copy_and_resolve_references()
+  export_config.quant = quant_config
+  with tempfile.TemporaryDirectory() as tmp:
+    manifest = export.export_student((export_config, student), os.path.join(tmp, "export"))
+    int8_model, int8_params, _ = export.load_export(os.path.join(tmp, "export"), "int8")
 
   models = {
     "teacher": (model, teacher),
     "fake-quant": (quant.with_policy(model, policy), student),
-    "int8": (
-      quant.with_policy(model, policy, inference="int8"),
-      quant.int8_params(student, policy),
-    ),
+    "int8": (int8_model, int8_params),
   }
   samplers = {name: make_sampler(m, config, batch, steps) for name, (m, _) in models.items()}
   rng = jax.random.key(0)
@@ -130,7 +134,8 @@ def main(argv: list[str]) -> None:
     f"{cpu_model()}, {cores} of {os.cpu_count()} cores usable; jax {jax.__version__}; "
     f"{config.model.ch}ch UNet at {size}x{size}x{channels}, batch {batch}, DDIM {steps} steps, "
     f"{_REPEATS.value} interleaved repeats (median); student {quant_config.preset} single basis, "
-    f"{int8_layers} of {len(paths)} layers in int8"
+    f"{int8_layers} of {len(paths)} layers in int8; its export: {manifest['export_bytes']:,} "
+    f"bytes on disk, size_saving {manifest['size_saving']}x"
   )
   print()
   print("| model | s / batch | images/s | vs fake-quant | vs teacher |")
@@ -148,6 +153,8 @@ def main(argv: list[str]) -> None:
       "model": {"ch": config.model.ch, "image_size": size, "channels": channels},
       "preset": quant_config.preset,
       "int8_layers": int8_layers,
+      "export_bytes": manifest["export_bytes"],
+      "size_saving": manifest["size_saving"],
       "layers": len(paths),
       "batch": batch,
       "steps": steps,

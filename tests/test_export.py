@@ -467,3 +467,24 @@ def test_export_fid_benchmark_scores_each_storage_variant(tmp_path):
   assert int(bytes16.replace(",", "")) < int(bytes32.replace(",", ""))
   assert float(saving16.strip(" x")) > float(saving32.strip(" x"))
   assert np.isfinite(float(fid32)) and np.isfinite(float(fid16))
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_samples_the_int8_export(tmp_path):
+  out = tmp_path / "throughput.json"
+  result = run_module(
+    "benchmarks.sampling_throughput",
+    "--config=configs/digits.py:smoke",
+    "--batch=2",
+    "--steps=1",
+    "--repeats=1",
+    f"--json={out}",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  measured = json.loads(out.read_text())
+  assert set(measured["images_per_s"]) == {"teacher", "fake-quant", "int8"}
+  assert all(rate > 0 for rate in measured["images_per_s"].values())
+  config = digits.get_config("smoke")
+  teacher_bytes = 4 * count_params(param_shapes(unet_from_config(config.model), (16, 16, 1)))
+  assert measured["size_saving"] == round(teacher_bytes / measured["export_bytes"], 3)
+  assert f"size_saving {measured['size_saving']}x" in result.stdout

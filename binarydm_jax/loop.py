@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -87,13 +89,16 @@ def run_stage(
     return state
   logging.info("%s: training steps %d -> %d", stage.name, start, stage.num_steps)
 
-  hooks = []
-  if jax.process_index() == 0:
-    hooks.append(
-      periodic_actions.ReportProgress(
-        num_train_steps=stage.num_steps, writer=writer, every_steps=training.log_every
-      )
-    )
+  # Steps/s and ETA every log_every steps (not every minute: a report right after a long sampling
+  # pause would divide one step by its duration), with the share of time spent sampling/saving.
+  progress = periodic_actions.ReportProgress(
+    num_train_steps=stage.num_steps, writer=writer, every_steps=training.log_every, every_secs=None
+  )
+  reporting = jax.process_index() == 0
+
+  def timed(part: str) -> contextlib.AbstractContextManager:
+    return progress.timed(part, wait_jax_async_dispatch=False) if reporting else nullcontext()
+
   pending: list[dict[str, jax.Array]] = []
   # Closing the manager (also on an error such as NonFiniteLossError) commits the async saves
   # still in flight, so the last checkpoint named in the error exists.
@@ -106,8 +111,8 @@ def run_stage(
         state, metrics = stage.step_fn(state, sharding.global_batch(local, mesh))
       pending.append(metrics)
       done = step + 1
-      for hook in hooks:
-        hook(done)
+      if reporting:
+        progress(done)
       is_last = done == stage.num_steps
       if done % training.log_every == 0 or done % training.checkpoint_every == 0 or is_last:
         summary = _summarise(pending)
@@ -116,8 +121,10 @@ def run_stage(
         writer.write_scalars(done, {f"{stage.name}/{k}": v for k, v in summary.items()})
         logging.info("%s step %d: %s", stage.name, done, summary)
       if done % training.checkpoint_every == 0 or is_last:
-        checkpointing.save(manager, done, state, config)
+        with timed("checkpoint"):
+          checkpointing.save(manager, done, state, config)
         last_saved = done
       if done % training.sample_every == 0 or is_last or done in stage.sample_steps:
-        stage.on_sample(state, done)
+        with timed("sampling"):
+          stage.on_sample(state, done)
   return state

@@ -4,12 +4,15 @@ The job tests share one digits-smoke run (`pipeline`) and a persistent XLA compi
 every program compiles once per session (the first run takes about a minute on 2 CPU cores).
 """
 
+import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -275,7 +278,7 @@ def _toy_state(mesh):
 
 def _toy_config(**training):
   config = digits.get_config("smoke")
-  config.training.update(dict(log_every=1, checkpoint_every=2, sample_every=100, **training))
+  config.training.update(dict(dict(log_every=1, checkpoint_every=2, sample_every=100), **training))
   return config
 
 
@@ -296,6 +299,27 @@ def test_loop_stops_on_nan_gradient_with_finite_loss(tmp_path):
     loop.run_stage(stage, _toy_state(mesh), _toy_config(), _Batches(), mesh, writer)
   assert sorted(int(d) for d in os.listdir(tmp_path / "toy")) == [2]
   assert [s for s, _ in writer.scalars["toy/loss"]] == [1, 2, 3]
+
+
+def test_progress_is_reported_every_log_every_steps_with_the_sampling_share(tmp_path, caplog):
+  def step_fn(state, batch):
+    return state.replace(step=state.step + 1), {"loss": jnp.mean(batch)}
+
+  def slow_sample(state, step):
+    time.sleep(1.5)  # Longer than a report interval of clu's default (every 60 s) would notice.
+
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1}))
+  stage = dataclasses.replace(
+    _toy_stage(str(tmp_path / "toy"), 6, step_fn), on_sample=slow_sample, sample_steps=(3,)
+  )
+  writer = _Recorder()
+  with caplog.at_level(logging.INFO):
+    loop.run_stage(stage, _toy_state(mesh), _toy_config(log_every=2), _Batches(), mesh, writer)
+  notes = [r.getMessage() for r in caplog.records if "Setting work unit notes" in r.getMessage()]
+  # Steps 2, 4 and 6 only: not the step after the sampling pause.
+  assert [n.split("(")[1].split(")")[0] for n in notes] == ["2/6", "4/6", "6/6"]
+  assert "sampling" in notes[1] and "ETA" in notes[1]
+  assert [s for s, _ in writer.scalars["steps_per_sec"]] == [2, 4, 6]
 
 
 def test_loop_resumes_and_logs_every_step_once(tmp_path):

@@ -181,6 +181,7 @@ def export_final_student(config: ml_collections.ConfigDict, state: Any, workdir:
     os.path.join(workdir, "export"),
     config.export.fp_dtype,
     config.export.quant_dtype,
+    step=int(jax.device_get(state.step)),
   )
   logging.info(
     "1-bit export: %d bytes, %.1fx smaller than FP32",

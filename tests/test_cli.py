@@ -94,6 +94,7 @@ def test_smoke_job_as_documented(tmp_path, session_dir):
     manifest = json.load(f)
   on_disk = sum(p.stat().st_size for p in (workdir / "export").rglob("*") if p.is_file())
   assert manifest["export_bytes"] == on_disk and manifest["size_saving"] > 1
+  assert manifest["student"]["step"] == 10  # The smoke job's qat.num_steps.
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,7 @@ def export_student(
   out_dir: str | os.PathLike,
   fp_dtype: str = "float32",
   quant_dtype: str = "float32",
+  step: int | None = None,
 ) -> dict:
   """Writes a single-basis student as packed sign bits + scales, FP params and manifest.json.
 
@@ -92,6 +93,8 @@ def export_student(
     fp_dtype: storage of the full-precision params: 'float32' (exact), 'bfloat16' or 'float16'.
     quant_dtype: storage of the binary scales, activation steps/offsets and int weight steps:
       'float32' (exact), 'float16' or 'bfloat16'.
+    step: the training step of (config, params), recorded in the manifest; a workdir's own
+      checkpoint step is used for a workdir.
 
   Returns:
     The manifest (also in OUT_DIR/manifest.json).
@@ -103,7 +106,6 @@ def export_student(
   options = {layout.FP: "fp_dtype", layout.QUANT: "quant_dtype"}
   names = {layout.FP: fp_dtype, layout.QUANT: quant_dtype}
   dtypes = {blob: manifest.check_dtype(names[blob], option) for blob, option in options.items()}
-  step = None
   if isinstance(source, str | os.PathLike):
     try:
       trained = workdir.load_student(source)

@@ -43,6 +43,7 @@ esac
 
 INSTALL_RUNTIME = "venv -m pip install --quiet -r requirements.txt"
 INSTALL_TEST = "venv -m pip install --quiet -r requirements-test.txt"
+INSTALL_TEST_NODEPS = "venv -m pip install --quiet --no-deps -r requirements-test-nodeps.txt"
 INSTALL_PACKAGE = "venv -m pip install --quiet --no-deps -e ."
 CREATE_VENV = "base -m venv .venv"
 DEFAULT_JOB = "venv -m binarydm_jax.main --config=configs/digits.py --workdir=workdirs/digits"
@@ -53,7 +54,14 @@ def repo(tmp_path):
   """A copy of the quick-start files of this checkout, and a fake interpreter beside it."""
   repo = tmp_path / "repo"
   (repo / ".ci").mkdir(parents=True)
-  for name in ("run", ".ci/run", "requirements.txt", "requirements-test.txt", "pyproject.toml"):
+  for name in (
+    "run",
+    ".ci/run",
+    "requirements.txt",
+    "requirements-test.txt",
+    "requirements-test-nodeps.txt",
+    "pyproject.toml",
+  ):
     shutil.copy2(ROOT / name, repo / name)
   for name, text in (("python3", FAKE_PYTHON), ("venv-python", FAKE_VENV_PYTHON)):
     (tmp_path / name).write_text(text)
@@ -164,23 +172,31 @@ def test_test_adds_the_test_requirements_to_the_runtime_env(repo):
   assert run(repo, "./run", "job")[0].returncode == 0
   proc, calls = run(repo, "./run", "test", "-k", "quick")
   assert proc.returncode == 0, proc.stderr
-  assert calls == [INSTALL_TEST, "venv -m pytest -q -k quick", "JAX_PLATFORMS=cpu"]
+  assert calls == [
+    INSTALL_TEST,
+    INSTALL_TEST_NODEPS,
+    "venv -m pytest -q -k quick",
+    "JAX_PLATFORMS=cpu",
+  ]
 
   assert run(repo, "./run", "job")[1] == [DEFAULT_JOB]
   assert run(repo, "./run", "test")[1] == ["venv -m pytest -q", "JAX_PLATFORMS=cpu"]
 
-  with open(repo / "requirements-test.txt", "a") as f:
-    f.write("\n# changed\n")
-  assert run(repo, "./run", "job")[1] == [DEFAULT_JOB]  # the runtime pins did not change
-  proc, calls = run(repo, "./run", "test")
-  assert "out of date" in proc.stdout
-  assert calls[-5:] == [
-    CREATE_VENV,
-    INSTALL_TEST,
-    INSTALL_PACKAGE,
-    "venv -m pytest -q",
-    "JAX_PLATFORMS=cpu",
-  ]
+  for changed in ("requirements-test.txt", "requirements-test-nodeps.txt"):
+    with open(repo / changed, "a") as f:
+      f.write("\n# changed\n")
+    assert run(repo, "./run", "job")[1] == [DEFAULT_JOB]  # the runtime pins did not change
+    proc, calls = run(repo, "./run", "test")
+    assert "out of date" in proc.stdout
+    assert calls[-6:] == [
+      CREATE_VENV,
+      INSTALL_TEST,
+      INSTALL_TEST_NODEPS,
+      INSTALL_PACKAGE,
+      "venv -m pytest -q",
+      "JAX_PLATFORMS=cpu",
+    ]
+    assert run(repo, "./run", "test")[1] == ["venv -m pytest -q", "JAX_PLATFORMS=cpu"]
 
 
 def test_pip_failure_names_a_mirror_or_wheelhouse_and_the_rerun_rebuilds(repo):
@@ -237,4 +253,11 @@ def test_pyproject_extras_pin_what_the_requirement_files_pin():
     "requirements-test.txt"
   )
   assert (ROOT / "requirements-test.txt").read_text().count("-r requirements.txt") == 1
+  # Installed with --no-deps by ./run only: an extra would let pip resolve their dependencies.
+  nodeps = requirement_lines("requirements-test-nodeps.txt")
+  assert nodeps and all("==" in line for line in nodeps)
+  extras = {
+    line.split("==")[0] for extra in project["optional-dependencies"].values() for line in extra
+  }
+  assert not extras & {line.split("==")[0] for line in nodeps}
   assert project["requires-python"] == ">=3.11"

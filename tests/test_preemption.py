@@ -219,26 +219,41 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
   assert checkpointing.make_manager(str(directory), 3).all_steps() == [2, 4, 6]
 
 
-def test_no_intact_checkpoint_is_one_error_naming_the_directory(tmp_path):
+def test_every_damaged_newer_step_is_moved_aside_a_taken_name_gets_a_suffix(tmp_path, caplog):
   directory = tmp_path / "teacher"
   _run("teacher", directory, 4)
-  for step in ("2", "4"):
-    _overwrite(directory / step / "config" / "metadata")
+  _overwrite(directory / "4" / "config" / "metadata")
+  _run("teacher", directory, NUM_STEPS)  # from 2: saves 4 and 6 again
+  _truncate(directory / "6" / "state" / "_METADATA")
+  _overwrite(directory / "4" / "config" / "metadata")
+  writer = _Recorder()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    _run("teacher", directory, NUM_STEPS + 2, writer=writer)
+  assert [s for s, _ in writer.scalars["teacher/loss"]] == [3, 4, 5, 6, 7, 8]
+  assert sorted(os.listdir(directory)) == ["4", "4.damaged", "4.damaged-2", "6", "6.damaged", "8"]
+  damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert [m.split(" is damaged")[0] for m in damaged] == [
+    f"Checkpoint {directory}/6",
+    f"Checkpoint {directory}/4",
+  ]
+
+
+def test_no_readable_checkpoint_is_one_error_and_nothing_is_renamed(tmp_path):
+  """All unreadable may also mean written by another version of the code: nothing is moved."""
+  directory = tmp_path / "teacher"
+  _run("teacher", directory, 4)
+  _overwrite(directory / "4" / "config" / "metadata")
+  _truncate(directory / "2" / "state" / "_METADATA")
   with pytest.raises(checkpointing.CheckpointDamagedError) as error:
     _run("teacher", directory, NUM_STEPS)
   message = str(error.value)
   assert "\n" not in message
-  assert message.startswith(f"no readable checkpoint in {directory} (steps [4, 2] were moved")
-  assert "rerun to train this stage from scratch" in message
-  assert sorted(os.listdir(directory)) == ["2.damaged", "4.damaged"]
-  # The rerun starts from scratch; a name already taken aside gets a suffix.
-  writer = _Recorder()
-  _run("teacher", directory, 2, writer=writer)
-  assert writer.scalars["teacher/loss"] == _uninterrupted(2)[0]
-  _truncate(directory / "2" / "state" / "_METADATA")
-  with pytest.raises(checkpointing.CheckpointDamagedError, match=r"steps \[2\]"):
-    _run("teacher", directory, NUM_STEPS)
-  assert sorted(os.listdir(directory)) == ["2.damaged", "2.damaged-2", "4.damaged"]
+  assert message.startswith(
+    f"no checkpoint in {directory} can be read (steps [2, 4]; step 4: UnicodeDecodeError: "
+  )
+  assert message.endswith(f"otherwise move {directory} away to train this stage from scratch")
+  assert sorted(os.listdir(directory)) == ["2", "4"]
 
 
 # ------------------------------------------------------------------------ the real job, slow

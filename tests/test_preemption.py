@@ -281,7 +281,7 @@ def _main(workdir, session_dir, stop_after=None):
     stderr=subprocess.STDOUT,
     text=True,
   )
-  watchdog = threading.Timer(900, proc.kill)
+  watchdog = threading.Timer(1800, proc.kill)  # A whole job: minutes on 2 busy cores
   watchdog.start()
   lines = []
   for line in proc.stdout:

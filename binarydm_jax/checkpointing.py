@@ -1,7 +1,8 @@
 """Orbax checkpoints of a training stage: periodic, keep-last-N, atomic, resumable.
 
 Each stage (e.g. WORKDIR/teacher) holds one CheckpointManager; a checkpoint stores the TrainState
-and the config as JSON, so a restart can verify it is resuming the same model.
+and the config as JSON, so a restart can verify it is resuming the same model. A checkpoint that
+cannot be read is renamed aside (`<step>.damaged`) and the restart resumes from an older one.
 """
 
 from __future__ import annotations
@@ -13,11 +14,17 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in a directory was written for a different model than the current config."""
+
+
+class CheckpointDamagedError(ValueError):
+  """A stage directory holds checkpoints, but none of them can be read."""
 
 
 def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -76,27 +83,75 @@ def restore_latest(
   config: ml_collections.ConfigDict,
   structural_keys: tuple[str, ...],
 ) -> Any | None:
-  """Restores the latest checkpoint into the shardings of `abstract_state`, or returns None.
+  """Restores the newest readable checkpoint into the shardings of `abstract_state`, or None.
 
   `structural_keys` are the config sections (or `section.key`s) that must be unchanged since the
-  checkpoint was written, e.g. the model architecture.
+  checkpoint was written, e.g. the model architecture. Newer checkpoints that orbax cannot read (a
+  truncated or overwritten file) are renamed aside to `<step>.damaged`, with a warning, once an
+  older one has been read; when none can be read nothing is renamed (another version of the code
+  cannot read any of them either).
 
   Raises:
     CheckpointMismatchError: the checkpoint was written under different structural settings.
+    CheckpointDamagedError: checkpoints exist but none of them can be read.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
-  saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-    "config"
-  ]
-  diffs = _structural_diff(saved_config, config, structural_keys)
-  if diffs:
-    raise CheckpointMismatchError(
-      f"checkpoint {manager.directory}/{step} belongs to a different model ({'; '.join(diffs)}); "
-      "use a fresh --workdir or the checkpoint's settings"
-    )
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  logging.info("Restored checkpoint %s/%d", manager.directory, step)
-  return restored["state"]
+  unreadable: dict[int, Exception] = {}
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    except Exception as error:  # orbax raises anything from JSON decoding to tensorstore errors.
+      unreadable[step] = error
+      continue
+    diffs = _structural_diff(saved_config["config"], config, structural_keys)
+    if diffs:
+      raise CheckpointMismatchError(
+        f"checkpoint {manager.directory}/{step} belongs to a different model "
+        f"({'; '.join(diffs)}); use a fresh --workdir or the checkpoint's settings"
+      )
+    try:
+      restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+      )
+    except Exception as error:
+      unreadable[step] = error
+      continue
+    for damaged, error in unreadable.items():
+      _move_aside(manager, damaged, error)
+    logging.info("Restored checkpoint %s/%d", manager.directory, step)
+    return restored["state"]
+  if unreadable:
+    newest = max(unreadable)
+    raise CheckpointDamagedError(
+      f"no checkpoint in {manager.directory} can be read (steps {sorted(unreadable)}; step "
+      f"{newest}: {_describe(unreadable[newest])}); if another version of binarydm_jax wrote "
+      f"them, run that version, otherwise move {manager.directory} away to train this stage "
+      "from scratch"
+    )
+  return None
+
+
+def _describe(error: Exception) -> str:
+  """`Type: first line of the message` (orbax's tensorstore errors run over many lines)."""
+  return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  """Renames the checkpoint of `step` to `<step>.damaged[-N]`, which orbax does not list."""
+  path = epath.Path(manager.directory) / str(step)
+  aside = path.with_name(f"{step}.damaged")
+  n = 1
+  while aside.exists():
+    n += 1
+    aside = path.with_name(f"{step}.damaged-{n}")
+  logging.warning(
+    "Checkpoint %s is damaged (%s); moved aside to %s, resuming from an older one",
+    path,
+    _describe(error),
+    aside.name,
+  )
+  if jax.process_index() == 0:
+    path.rename(aside)
+  if jax.process_count() > 1:  # The others see the rename before listing the steps again.
+    multihost_utils.sync_global_devices(f"checkpoint_moved_aside_{step}")
+  manager.reload()

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from binarydm_jax import checkpointing, sharding
 from binarydm_jax.input_pipeline import ImageDataset
+from binarydm_jax.preemption import Preempted, SigtermWatch
 
 StepFn = Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
 
@@ -77,6 +78,9 @@ def run_stage(
 
   The batch and randomness of step s depend only on s, so a run killed at any moment and
   restarted reproduces the uninterrupted run.
+
+  Raises:
+    Preempted: SIGTERM arrived; the step in progress finished and its checkpoint is committed.
   """
   training = config.training
   manager = checkpointing.make_manager(stage.directory, training.keep_checkpoints)
@@ -102,7 +106,7 @@ def run_stage(
   pending: list[dict[str, jax.Array]] = []
   # Closing the manager (also on an error such as NonFiniteLossError) commits the async saves
   # still in flight, so the last checkpoint named in the error exists.
-  with metric_writers.ensure_flushes(writer), manager:
+  with SigtermWatch() as sigterm, metric_writers.ensure_flushes(writer), manager:
     for step in range(start, stage.num_steps):
       if step in stage.transitions:
         state = stage.transitions[step](state)
@@ -114,16 +118,21 @@ def run_stage(
       if reporting:
         progress(done)
       is_last = done == stage.num_steps
-      if done % training.log_every == 0 or done % training.checkpoint_every == 0 or is_last:
+      preempted = sigterm.reached(manager, done)
+      saves = done % training.checkpoint_every == 0 or is_last or preempted
+      if done % training.log_every == 0 or saves:
         summary = _summarise(pending)
         pending = []
         _check_finite(stage, done, summary, last_saved)
         writer.write_scalars(done, {f"{stage.name}/{k}": v for k, v in summary.items()})
         logging.info("%s step %d: %s", stage.name, done, summary)
-      if done % training.checkpoint_every == 0 or is_last:
+      if saves:
         with timed("checkpoint"):
           checkpointing.save(manager, done, state, config)
         last_saved = done
+      if preempted:  # Committed before the job exits; no sampling: the machine is about to go.
+        manager.wait_until_finished()
+        raise Preempted(stage.name, done, stage.directory)
       if done % training.sample_every == 0 or is_last or done in stage.sample_steps:
         with timed("sampling"):
           stage.on_sample(state, done)

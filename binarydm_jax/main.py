@@ -1,7 +1,8 @@
 """Command line: `python -m binarydm_jax.main --config=configs/digits.py --workdir=DIR`.
 
 Intentionally short: flags in, `train.train_and_evaluate(config, workdir)` out. Known user errors
-(bad config, missing data, wrong checkpoint, NaN loss) are printed as one line, not a traceback.
+(bad config, missing data, wrong or damaged checkpoint, NaN loss) are printed as one line, not a
+traceback. A preempted job (SIGTERM) logs where it saved and exits 0; rerunning it resumes.
 """
 
 import logging as pylogging
@@ -46,10 +47,11 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf
 
   from binarydm_jax import distributed, train
-  from binarydm_jax.checkpointing import CheckpointMismatchError
+  from binarydm_jax.checkpointing import CheckpointDamagedError, CheckpointMismatchError
   from binarydm_jax.config_validation import ConfigError
   from binarydm_jax.input_pipeline import DatasetNotFoundError
   from binarydm_jax.loop import NonFiniteLossError
+  from binarydm_jax.preemption import Preempted
   from binarydm_jax.teacher import TeacherError
 
   logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -62,10 +64,13 @@ def main(argv: list[str]) -> None:
   )
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except Preempted as e:  # Nothing evaluated or exported: the rerun continues the stage.
+    logging.warning("%s", e)
   except (
     ConfigError,
     DatasetNotFoundError,
     CheckpointMismatchError,
+    CheckpointDamagedError,
     NonFiniteLossError,
     TeacherError,
   ) as e:

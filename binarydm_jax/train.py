@@ -191,7 +191,12 @@ def export_final_student(config: ml_collections.ConfigDict, state: Any, workdir:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the whole job in `workdir` and returns the contents of WORKDIR/eval.json."""
+  """Runs the whole job in `workdir` and returns the contents of WORKDIR/eval.json.
+
+  Raises:
+    Preempted: SIGTERM during a training stage, which saved a checkpoint at its current step;
+      nothing after the stage ran. Calling again resumes.
+  """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   # ---------------------------------------------------------------- Mesh

@@ -24,17 +24,22 @@ def session_dir(tmp_path_factory):
   return tmp_path_factory.getbasetemp()
 
 
-def run_main(args, session_dir, timeout=300):
+def main_env(session_dir):
+  """The environment of a `binarydm_jax.main` subprocess: CPU, this session's XLA cache."""
   env = dict(os.environ)
   env.update(
     JAX_PLATFORMS="cpu",
     JAX_COMPILATION_CACHE_DIR=str(session_dir / "jax_compilation_cache"),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
+  return env
+
+
+def run_main(args, session_dir, timeout=300):
   return subprocess.run(
     [sys.executable, "-m", "binarydm_jax.main", *args],
     cwd=ROOT,
-    env=env,
+    env=main_env(session_dir),
     capture_output=True,
     text=True,
     timeout=timeout,

@@ -90,9 +90,9 @@ def _checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(stage) if d.isdigit())
 
 
-def _restore_state(workdir: str, step: int) -> dict:
+def _restore_state(workdir: str, step: int, stage: str = "teacher") -> dict:
   with ocp.StandardCheckpointer() as checkpointer:
-    state = checkpointer.restore(os.path.join(workdir, "teacher", str(step), "state"))
+    state = checkpointer.restore(os.path.join(workdir, stage, str(step), "state"))
   return jax.tree.map(np.asarray, state)
 
 
@@ -220,11 +220,16 @@ def test_nan_loss_stops_before_saving(tmp_path, tmp_path_factory, monkeypatch):
     loop.NonFiniteLossError, match="loss is nan at step 4.*last checkpoint: step 2"
   ):
     train.train_and_evaluate(config, workdir)
-  # The checkpoint before the NaN is complete (its async save was committed), none after it.
-  assert _checkpoint_steps(workdir) == [2]
-  state = _restore_state(workdir, 2)
-  assert int(state["step"]) == 2
-  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+  # The checkpoint before the NaN is complete (its async save was committed), none after it,
+  # not even a partial (orbax temporary) one; the project's restore resumes from it.
+  assert os.listdir(os.path.join(workdir, "teacher")) == ["2"]
+  mesh = sharding.make_mesh(config.mesh)
+  model, schedule = unet_from_config(config.model), diffusion.schedule_from_config(config.diffusion)
+  fresh, _ = train.make_teacher(config, mesh, model, schedule, (16, 16, 1))
+  manager = checkpointing.make_manager(os.path.join(workdir, "teacher"), 3)
+  state = checkpointing.restore_latest(manager, fresh, config, ("model", "diffusion"))
+  assert int(state.step) == 2
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
   assert not os.path.exists(os.path.join(workdir, "eval.json"))
 
 

@@ -21,8 +21,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_cli import ROOT, main_env
-from test_train import (
+
+from binarydm_jax import checkpointing, loop, qat, sharding
+from binarydm_jax.preemption import Preempted
+from binarydm_jax.train_state import TrainState
+from tests.test_cli import ROOT, main_env
+from tests.test_train import (
   _Batches,
   _Recorder,
   _restore_state,
@@ -31,10 +35,6 @@ from test_train import (
   _toy_stage,
   _toy_state,
 )
-
-from binarydm_jax import checkpointing, loop, qat, sharding
-from binarydm_jax.preemption import Preempted
-from binarydm_jax.train_state import TrainState
 
 NUM_STEPS = 6
 

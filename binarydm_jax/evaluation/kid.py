@@ -4,7 +4,8 @@ The estimator of Binkowski et al. (2018) as torch-fidelity computes it: the mean
 deviation of the unbiased MMD^2 over random subsets of both sets, with the kernel
 k(x, y) = (x.y / d + 1)^3 on d-dimensional features. Subsets are drawn as torch-fidelity 0.4
 draws them (numpy `RandomState(seed)`, per subset one `choice` without replacement from the
-first set, then one from the second), so features and a seed it accepts give its numbers.
+first set, then one from the second), so the same features and seed give its numbers (it
+computes in the features' dtype, float32 for its extractors; here float64).
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ import numpy as np
 from absl import app, flags
 
 from binarydm_jax import sampleable, workdir
-from binarydm_jax.evaluate import EVAL_SEED
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_fid
 from binarydm_jax.export import FP_DTYPES, INFERENCE_MODES, export_student
 from binarydm_jax.input_pipeline import load_dataset
+from configs import default
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A digits job's --workdir.", required=True)
 _NUM = flags.DEFINE_integer("num_samples", 2048, "Samples per variant.")
@@ -48,6 +48,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"{_WORKDIR.value} is not a digits job (eval.metric={config.eval.metric})")
   dataset = load_dataset(config.data)
   extractor = DigitsFeatureExtractor(config.data.image_size, cache_dir=config.eval.cache_dir)
+  # The job's evaluation noise; workdirs from before eval.seed used its default.
+  seed = config.eval.get("seed", default.get_config().eval.seed)
   print(
     f"student of {_WORKDIR.value} (step {trained.step}), {_NUM.value} samples, "
     f"inference={_INFERENCE.value}\n\n"
@@ -61,7 +63,7 @@ def main(argv: list[str]) -> None:
       out = os.path.join(tmp, variant.replace("/", "_"))
       info = export_student(_WORKDIR.value, out, fp_dtype, quant_dtype)
       source = sampleable.load(out, None, "student", _INFERENCE.value)
-      images = sampleable.draw(source, _NUM.value, None, None, EVAL_SEED, config.eval.batch_size)
+      images = sampleable.draw(source, _NUM.value, None, None, seed, config.eval.batch_size)
       exact_images = images if exact_images is None else exact_images
       fid = digits_fid(images, dataset.heldout, extractor)["fid"]
       change = float(np.mean(np.abs(images - exact_images)))

@@ -126,6 +126,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   _check(config, "eval.num_samples", lambda v: isinstance(v, int) and v >= 2, "an int >= 2")
   _check(config, "eval.batch_size", _positive_int, "a positive int")
+  _check(config, "eval.seed", lambda v: _non_negative_int(v) and v < 2**32, "an int in [0, 2**32)")
   _check(
     config, "mesh.data", lambda v: v == -1 or _positive_int(v), "-1 (all devices) or a positive int"
   )

@@ -16,10 +16,8 @@ from jax.sharding import Mesh
 
 from binarydm_jax import diffusion, sampling, sharding
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
-from binarydm_jax.evaluation.digits_fid import digits_fid
+from binarydm_jax.evaluation.digits_fid import digits_metrics
 from binarydm_jax.input_pipeline import ImageDataset
-
-EVAL_SEED = 1234  # Fixed, so every model of a run is scored on the same initial noise.
 
 
 def evaluate_model(
@@ -49,10 +47,15 @@ def evaluate_sampler(
   workdir: str,
   writer: metric_writers.MetricWriter,
 ) -> dict[str, Any]:
-  """`evaluate_model` with a sampler already built (e.g. the one a training stage samples with)."""
+  """`evaluate_model` with a sampler already built (e.g. the one a training stage samples with).
+
+  The initial noise comes from `config.eval.seed`, so every model of a run is scored on the same
+  noise; the same seed draws the digits metrics' bootstrap and KID subsets.
+  """
   image_shape = dataset.train.shape[1:]
+  seed = config.eval.seed
   samples = sampling.sample_many(
-    sampler, params, jax.random.PRNGKey(EVAL_SEED), config.eval.num_samples, config.eval.batch_size
+    sampler, params, jax.random.PRNGKey(seed), config.eval.num_samples, config.eval.batch_size
   )
   grid = sampling.image_grid(samples[: config.sampling.grid_size])
   if jax.process_index() == 0:
@@ -61,8 +64,11 @@ def evaluate_sampler(
 
   if config.eval.metric == "digits_fid":
     extractor = DigitsFeatureExtractor(image_shape[0], cache_dir=config.eval.cache_dir)
-    result = digits_fid(samples, dataset.heldout, extractor)
-    writer.write_scalars(0, {f"{name}/digits_fid": result["fid"]})
+    result = digits_metrics(samples, dataset.heldout, dataset.train, extractor, seed=seed)
+    low, high = result["fid_ci"]
+    scalars = {key: result[key] for key in ("fid", "fid_all", "kid", "kid_std")}
+    scalars.update(fid_ci_low=low, fid_ci_high=high)
+    writer.write_scalars(0, {f"{name}/digits_{key}": value for key, value in scalars.items()})
   else:
     result = {"num_samples": int(samples.shape[0])}
   result["sampler"] = (

@@ -129,6 +129,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.metric = "none"  # 'digits_fid' (offline) or 'none' (Inception FID: later release).
   evaluation.num_samples = 1000  # Generated samples per evaluated model.
+  # Seed of the evaluation's initial noise (the same for every model of a run) and of the digits
+  # metrics' bootstrap and KID subsets.
+  evaluation.seed = 1234
   evaluation.batch_size = 256  # Global sampling batch (a power of 2, so it splits over 8 devices).
   evaluation.cache_dir = config_dict.placeholder(
     str

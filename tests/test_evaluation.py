@@ -1,15 +1,17 @@
-"""Tests for the Frechet distance, the digits feature extractor and digits FID."""
+"""Tests for the Frechet distance, the digits feature extractor, digits FID and its companions."""
 
 import hashlib
 import pathlib
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 import scipy.linalg
 
-from binarydm_jax import input_pipeline
-from binarydm_jax.evaluation import digits_classifier, digits_fid, frechet
+from binarydm_jax import evaluate, input_pipeline
+from binarydm_jax.evaluation import bootstrap, digits_classifier, digits_fid, frechet
+from configs import digits as digits_config
 
 IMAGE_SIZE = 16
 
@@ -142,3 +144,116 @@ def test_digits_fid_clips_samples(extractor, digits):
 def test_digits_fid_needs_two_samples(extractor, digits):
   with pytest.raises(ValueError, match="at least 2"):
     digits_fid.digits_fid(digits.heldout[:1], digits.heldout, extractor)
+
+
+def _noisy_digits(images: np.ndarray, num: int, rng: np.random.Generator) -> np.ndarray:
+  """`num` of `images` with Gaussian noise: fake samples, neither perfect nor hopeless."""
+  picked = images[rng.integers(0, len(images), num)]
+  return np.clip(picked + 0.3 * rng.standard_normal(picked.shape), -1, 1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def metrics(extractor, digits):
+  samples = _noisy_digits(digits.train, 300, np.random.default_rng(0))
+  return samples, digits_fid.digits_metrics(
+    samples, digits.heldout, digits.train, extractor, seed=5
+  )
+
+
+def test_digits_metrics_keep_the_held_out_fid_and_add_the_rest(metrics, extractor, digits):
+  samples, result = metrics
+  assert set(result) == {
+    "fid",
+    "fid_all",
+    "fid_ci",
+    "kid",
+    "kid_std",
+    "num_samples",
+    "feature_extractor",
+  }
+  assert result["fid"] == digits_fid.digits_fid(samples, digits.heldout, extractor)["fid"]
+  whole = np.concatenate([digits.train, digits.heldout])
+  assert result["fid_all"] == pytest.approx(
+    digits_fid.digits_fid(samples, whole, extractor)["fid"], rel=1e-9
+  )
+  assert abs(result["fid_all"] - result["fid"]) > 0.01 * result["fid"]
+  assert result["kid"] > 3 * result["kid_std"] > 0  # Noisy digits are measurably not digits.
+  assert (result["num_samples"], result["feature_extractor"]) == (300, extractor.name)
+
+
+def test_fid_bootstrap_interval_holds_the_estimate_and_follows_the_seed(metrics, extractor, digits):
+  samples, result = metrics
+  low, high = result["fid_ci"]
+  assert low < result["fid"] < high
+  again = digits_fid.digits_metrics(samples, digits.heldout, digits.train, extractor, seed=5)
+  other = digits_fid.digits_metrics(samples, digits.heldout, digits.train, extractor, seed=6)
+  assert again == result
+  assert other["fid_ci"] != result["fid_ci"] and other["fid"] == result["fid"]
+
+
+def test_frechet_distance_interval_matches_its_definition():
+  rng = np.random.default_rng(0)
+  features, reference = rng.standard_normal((40, 3)), rng.standard_normal((80, 3)) + 0.5
+  reference_stats = frechet.feature_statistics(reference)
+  interval = bootstrap.frechet_distance_interval(features, *reference_stats, num_draws=50, seed=3)
+  draws = np.random.default_rng(3)
+  distances = [
+    frechet.frechet_distance(
+      *frechet.feature_statistics(features[draws.integers(0, 40, 40)]), *reference_stats
+    )
+    for _ in range(50)
+  ]
+  np.testing.assert_allclose(interval, np.percentile(distances, [2.5, 97.5]), rtol=1e-12)
+  with pytest.raises(ValueError, match="num_draws >= 2"):
+    bootstrap.frechet_distance_interval(features, *reference_stats, num_draws=1)
+
+
+class _RecordingWriter:
+  """The two MetricWriter methods evaluate_sampler calls; keeps the scalars."""
+
+  def __init__(self):
+    self.scalars = {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars.update(scalars)
+
+  def write_images(self, step, images):
+    del step, images
+
+
+def test_evaluate_sampler_reports_every_digits_score_and_follows_eval_seed(digits, tmp_path):
+  config = digits_config.get_config("smoke")
+  config.eval.num_samples = 96
+  config.eval.cache_dir = str(tmp_path / "cache")
+  drawn = []
+
+  def sampler(params, rng, num):  # Noisy training digits chosen by the noise key.
+    seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    drawn.append(_noisy_digits(digits.train, num, np.random.default_rng(seed)))
+    return drawn[-1]
+
+  def run(seed):
+    config.eval.seed = seed
+    writer = _RecordingWriter()
+    result = evaluate.evaluate_sampler("m", sampler, None, config, digits, str(tmp_path), writer)
+    samples = np.concatenate(drawn)
+    drawn.clear()
+    return result, writer.scalars, samples
+
+  result, scalars, samples = run(1234)
+  assert {"fid", "fid_all", "fid_ci", "kid", "kid_std", "sampler"} <= set(result)
+  low, high = result["fid_ci"]
+  assert scalars == {
+    "m/digits_fid": result["fid"],
+    "m/digits_fid_all": result["fid_all"],
+    "m/digits_fid_ci_low": low,
+    "m/digits_fid_ci_high": high,
+    "m/digits_kid": result["kid"],
+    "m/digits_kid_std": result["kid_std"],
+  }
+  same, _, same_samples = run(1234)
+  other, _, other_samples = run(7)
+  np.testing.assert_array_equal(same_samples, samples)
+  assert same == result
+  assert samples.shape == other_samples.shape and not np.array_equal(other_samples, samples)
+  assert other["fid"] != result["fid"]

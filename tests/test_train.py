@@ -493,6 +493,8 @@ def test_apply_gradients_steps_updates_and_averages_the_new_params():
     ("optim.ema_decay", 1.0, r"config\.optim\.ema_decay=1\.0"),
     ("mesh.data", 0, r"config\.mesh\.data=0"),
     ("qat.switch_step", 10, r"config\.qat\.switch_step=10.*not 1-bit"),
+    ("eval.seed", -1, r"^config\.eval\.seed=-1: expected an int in \[0, 2\*\*32\)$"),
+    ("eval.seed", 2**32, r"^config\.eval\.seed=4294967296: expected an int"),
   ],
 )
 def test_validate_config_names_the_key(key, value, match):

@@ -88,6 +88,9 @@ METHODS = {
 def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str, float]:
   """Trains one student in a fresh workdir; its digits-FID (EMA params, as the job samples).
 
+  The final scores are `fid` (held-out split) and, beside it, `fid_all` (all real digits), `fid_ci`
+  (bootstrap interval of `fid`), `kid` and `kid_std` (`evaluation.digits_fid.digits_metrics`).
+
   With --raw_params also `fid_raw`: the same student's final non-averaged params; with
   --fid_every also `fid_curve`: {step: FID of the EMA params} along the run; with --switch_fid
   and EBB also `switch`: the switch report of `qat.switch_transition` plus `fid_two_basis` (EMA
@@ -102,12 +105,15 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str,
     settings = qat.resolve_settings(config.qat, config.quant)
     score_switch = FLAGS.switch_fid and settings.ebb and settings.switch_step < config.qat.num_steps
 
-    def fid(params, num_samples: int | None = None) -> float:
+    def scores(params, num_samples: int | None = None) -> dict:
       scored = config.copy_and_resolve_references()
       scored.eval.num_samples = num_samples or config.eval.num_samples
       return evaluate.evaluate_sampler(
         "student", samplers[0], params, scored, dataset, workdir, writer
-      )["fid"]
+      )
+
+    def fid(params, num_samples: int | None = None) -> float:
+      return scores(params, num_samples)["fid"]
 
     def on_sample_factory(name: str, sampler):
       samplers.append(sampler)
@@ -140,7 +146,9 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str,
       on_sample_factory,
       on_switch=on_switch if score_switch else None,
     )
-    result = {"fid": fid(state.ema_params)}
+    final = scores(state.ema_params)
+    # The held-out FID, and the steadier / interval scores beside it (see the metric's noise).
+    result = {key: final[key] for key in ("fid", "fid_all", "fid_ci", "kid", "kid_std")}
     if FLAGS.raw_params:
       result["fid_raw"] = fid(state.params)
     if curve:

@@ -1,14 +1,19 @@
 """The ablation benchmark's command line: --set overrides, the validated grid, result settings."""
 
 import json
+import os
+import pathlib
 import re
 import subprocess
+import sys
 
 import pytest
 from absl import app
 
 from benchmarks import ablation_digits as ablation
 from configs import digits
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_set_values_parse_as_python_literals_or_strings():
@@ -97,3 +102,34 @@ def test_report_merges_workers_into_means_and_per_seed_rows(capsys):
   assert "| method | seed 0 | seed 1 | mean ± std | at step 800 |" in lines
   assert "| baseline | 50.0 | 40.0 | 45.0 ± 5.0 (n=2) | 55.0 ± 5.0 (n=2) |" in lines
   assert "| binarydm | - | 30.0 | 30.0 ± 0.0 (n=1) | - |" in lines
+
+
+@pytest.mark.slow
+def test_a_short_run_records_the_switch_and_the_steadier_scores(tmp_path):
+  """Four QAT steps of BinaryDM from the committed teacher (switch at 2), scored on 16 samples."""
+  out = tmp_path / "ablation.json"
+  command = [
+    sys.executable,
+    "-m",
+    "benchmarks.ablation_digits",
+    f"--teacher={ROOT / 'benchmarks/results/digits_teacher_2026-12-02'}",
+    "--bits=W1A4",
+    "--methods=binarydm",
+    "--seeds=0",
+    "--qat_steps=4",
+    "--switch_num_samples=16",
+    "--set=eval.num_samples=16",
+    "--set=sampling.ddim_steps=2",
+    "--set=qat.batch_size=8",
+    f"--out={out}",
+  ]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  (run,) = json.loads(out.read_text())["runs"]
+  assert (run["bits"], run["method"], run["seed"]) == ("W1A4", "binarydm", 0)
+  low, high = run["fid_ci"]
+  assert 0 < low <= high and run["fid"] > 0 and run["fid_all"] > 0 and run["fid_all"] != run["fid"]
+  assert run["kid_std"] >= 0
+  assert run["switch"]["step"] == 2 and run["switch"]["num_samples"] == 16
+  assert run["switch"]["fid_two_basis"] > 0 and run["switch"]["fid_collapsed"] > 0

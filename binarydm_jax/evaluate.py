@@ -1,4 +1,7 @@
-"""Evaluates trained models by sampling them and scoring the samples; writes WORKDIR/eval.json."""
+"""Evaluates trained models by sampling them and scoring the samples; writes WORKDIR/eval.json.
+
+Run as a module it is the sample-scoring CLI of `binarydm_jax.evaluate_cli`.
+"""
 
 from __future__ import annotations
 
@@ -86,3 +89,13 @@ def write_results(results: dict[str, Any], workdir: str) -> None:
   with open(tmp, "w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+  # `python -m binarydm_jax.evaluate --samples=... --ref=...`: the CLI lives in `evaluate_cli`,
+  # so that importing this module (as the job does) defines no flags.
+  from absl import app
+
+  from binarydm_jax import evaluate_cli
+
+  app.run(evaluate_cli.main)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -54,17 +55,39 @@ def load(
   )
 
 
+def settings(
+  source: Sampleable,
+  sampler: str | None = None,
+  steps: int | None = None,
+  eta: float | None = None,
+) -> ml_collections.ConfigDict:
+  """The model's `sampling` settings with the sampler, DDIM steps and eta given (not None) replaced."""
+  result = ml_collections.ConfigDict(source.sampling.to_dict())
+  result.sampler = sampler or result.sampler
+  result.ddim_steps = steps or result.ddim_steps
+  result.eta = result.eta if eta is None else eta
+  return result
+
+
+def sampler_on(
+  source: Sampleable, sampling_settings: ml_collections.ConfigDict, devices: list
+) -> tuple[Callable[[Any, jax.Array, int], np.ndarray], Any]:
+  """`sampling.make_sampler`'s `sample(params, rng, num)` over `devices`, and the params there."""
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict({"data": len(devices), "fsdp": 1}), devices=devices
+  )
+  schedule = diffusion.schedule_from_config(source.diffusion)
+  sample = sampling.make_sampler(
+    source.model, schedule, sampling_settings, mesh, source.image_shape
+  )
+  return sample, jax.device_put(source.params, sharding.replicated(mesh))  # Restored on one device.
+
+
 def draw(
   source: Sampleable, num: int, sampler: str | None, steps: int | None, seed: int, batch: int
 ) -> np.ndarray:
   """`num` samples in [-1, 1], NHWC, over as many devices as divide the batch."""
-  settings = ml_collections.ConfigDict(source.sampling.to_dict())
-  settings.sampler = sampler or settings.sampler
-  settings.ddim_steps = steps or settings.ddim_steps
   batch = min(batch, num)
   devices = max(d for d in range(1, jax.device_count() + 1) if batch % d == 0)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": devices, "fsdp": 1}))
-  schedule = diffusion.schedule_from_config(source.diffusion)
-  sample = sampling.make_sampler(source.model, schedule, settings, mesh, source.image_shape)
-  params = jax.device_put(source.params, sharding.replicated(mesh))  # Restored on one device.
+  sample, params = sampler_on(source, settings(source, sampler, steps), jax.devices()[:devices])
   return sampling.sample_many(sample, params, jax.random.PRNGKey(seed), num, batch)

@@ -1,0 +1,113 @@
+"""`python -m binarydm_jax.evaluate`: scores generated samples, writes all metrics to a JSON file.
+
+  python -m binarydm_jax.evaluate --samples=DIR_OR.npz --ref=digits --json=OUT.json
+  python -m binarydm_jax.evaluate --samples=DIR_OR.npz --ref=cifar10 --json=OUT.json \
+      [--inception=DIR] [--ref_npz=REAL.npz | --data_dir=TFDS_DIR] [--cache_dir=DIR]
+
+--samples is an `.npz` with uint8 NHWC
+images under `arr_0` or a directory of `binarydm_jax.generate` shards.
+
+digits: `digits_metrics` (16 px grayscale, the offline digits CNN) against the held-out split,
+  with the FID against the whole real set, its bootstrap interval and KID.
+cifar10: FID, sFID, Inception Score, precision/recall and KID (`kid`, `kid_std`) in the FID
+  Inception (`--inception`, converted by `binarydm_jax.convert.inception`) against the reference
+  statistics of the CIFAR-10 train split (tfds, or the uint8 images of --ref_npz), computed once
+  and cached in --cache_dir (`evaluation.reference`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from binarydm_jax.evaluation import inception, reference
+from binarydm_jax.input_pipeline import DatasetNotFoundError
+from binarydm_jax.sample_shards import MANIFEST_NAME, SamplesError, load_samples
+from binarydm_jax.score import (
+  REFS,
+  check_samples,
+  cifar10_train_images,
+  score_digits,
+  score_inception,
+)
+
+DEFAULT_CACHE_DIR = "~/.cache/binarydm_jax/reference"
+
+
+def _reference_images(path: str | None, data_dir: str | None) -> np.ndarray:
+  """Real images: the uint8 NHWC `arr_0` of --ref_npz, else the CIFAR-10 train split."""
+  if not path:
+    return cifar10_train_images(data_dir)
+  images = load_samples(path)
+  check_samples(images, "cifar10")
+  return images
+
+
+_SAMPLES = flags.DEFINE_string("samples", None, "An .npz (arr_0: uint8 NHWC) or a shard dir.")
+_REF = flags.DEFINE_enum("ref", None, list(REFS), "The real data and metrics.")
+_JSON = flags.DEFINE_string("json", None, "Where to write the metrics.")
+_INCEPTION = flags.DEFINE_string(
+  "inception", None, f"Converted FID Inception weights (default {inception.DEFAULT_DIR})."
+)
+_ALLOW_OTHER = flags.DEFINE_bool(
+  "allow_other_weights", False, "Accept Inception weights that are not the FID ones (tests)."
+)
+_REF_NPZ = flags.DEFINE_string(
+  "ref_npz", None, "cifar10: real uint8 NHWC images (arr_0) instead of the tfds train split."
+)
+_REF_STATS = flags.DEFINE_string("ref_stats", None, "cifar10: a reference cache file to use.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "cifar10: the tfds data dir.")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", DEFAULT_CACHE_DIR, "Where references are cached.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of KID's subsets and the digits bootstrap.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not (_SAMPLES.value and _REF.value and _JSON.value):
+    raise app.UsageError("pass --samples=PATH, --ref=digits|cifar10 and --json=OUT")
+  try:
+    images = load_samples(_SAMPLES.value)
+    check_samples(images, _REF.value)
+    if _REF.value == "digits":
+      result = score_digits(images, _SEED.value)
+    else:
+      extractor = inception.load_inception(_INCEPTION.value, allow_other_weights=_ALLOW_OTHER.value)
+      ref, path = reference.cached_reference(
+        "cifar10",
+        extractor,
+        lambda: _reference_images(_REF_NPZ.value, _DATA_DIR.value),
+        _CACHE_DIR.value,
+        _REF_STATS.value,
+      )
+      result = score_inception(images, ref, extractor, _SEED.value)
+      result["reference"] = {
+        "dataset": "cifar10",
+        "num_images": ref["num_images"],
+        "file": str(path),
+      }
+  except (
+    SamplesError,
+    inception.InceptionError,
+    reference.ReferenceStatsError,
+    DatasetNotFoundError,
+    ValueError,
+  ) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  manifest = os.path.join(_SAMPLES.value, MANIFEST_NAME)
+  if os.path.isfile(manifest):
+    with open(manifest) as f:
+      result["generation"] = json.load(f)
+  result.update(ref=_REF.value, samples=_SAMPLES.value)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(_JSON.value) or ".", exist_ok=True)
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+    headline = {k: result[k] for k in ("fid", "kid", "num_samples") if k in result}
+    print(f"{_JSON.value}: {headline}")

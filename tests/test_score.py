@@ -1,0 +1,160 @@
+"""Scoring samples: reference caching, the Inception metrics, bad input, the CLIs end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from binarydm_jax.evaluation import inception, reference
+from binarydm_jax.evaluation.metrics import fid
+from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.sample_shards import SamplesError, load_samples
+from binarydm_jax.score import check_samples, score_inception
+from binarydm_jax.train_state import create_train_state
+from tests.test_export import one_line, run_module, save_stage, tiny_config
+
+NUM = 8  # Images per Inception call (one compiled shape).
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+  """Random FID-Inception weights (He-scaled normal kernels) saved with the project's saver."""
+  rng = np.random.default_rng(0)
+
+  def leaf(path, shape):
+    if path[-1].key == "bias":
+      return np.zeros(shape.shape, np.float32)
+    fan_in = int(np.prod(shape.shape[:-1]))
+    return rng.normal(0.0, np.sqrt(2.0 / fan_in), shape.shape).astype(np.float32)
+
+  params = jax.tree.map_with_path(leaf, inception.abstract_params())
+  out = tmp_path_factory.mktemp("weights") / "inception"
+  return inception.save_inception(out, params, source_name="random", source_sha256="ab" * 32)
+
+
+@pytest.fixture(scope="module")
+def extractor(weights_dir):
+  return inception.load_inception(weights_dir, allow_other_weights=True)
+
+
+def images(seed, num=NUM):
+  return np.random.default_rng(seed).integers(0, 256, (num, 8, 8, 3), dtype=np.uint8)
+
+
+def test_cifar10_metrics_against_a_cached_reference(extractor, tmp_path):
+  real = images(0)
+  ref, path = reference.cached_reference("cifar10", extractor, lambda: real, tmp_path)
+  assert path.name == f"ref_cifar10_{extractor.name}.npz" and extractor.name.endswith("abababab")
+  assert ref["pool"].shape == (NUM, 2048) and ref["num_images"] == NUM
+
+  def no_images():
+    raise AssertionError("the cached reference must be reused")
+
+  cached, _ = reference.cached_reference("cifar10", extractor, no_images, tmp_path)
+  np.testing.assert_array_equal(cached["sigma_s"], ref["sigma_s"])
+  same = score_inception(real, cached, extractor)
+  assert same["precision"] == same["recall"] == 1.0
+  other = score_inception(images(1), cached, extractor)
+  # The cached pool features are all 8 (under the 10,000 cap): FID from them directly.
+  assert other["fid"] == pytest.approx(fid(extractor(images(1)).pool, cached["pool"]), rel=1e-9)
+  assert abs(same["fid"]) < 1e-4 * other["fid"] and abs(same["sfid"]) < 1e-4 * other["sfid"]
+  assert other["kid"] > same["kid"]
+  assert other["num_samples"] == NUM and other["feature_extractor_sha256"] == "ab" * 32
+  assert set(other) >= {"inception_score", "kid_std"}
+
+
+def test_a_reference_of_another_dataset_or_network_is_refused(extractor, tmp_path):
+  ref = reference.compute_reference(images(0), "cifar10", extractor)
+  reference.save_reference(tmp_path / "other_net.npz", {**ref, "network_sha256": "cd" * 32})
+  reference.save_reference(tmp_path / "other_data.npz", ref)
+  for path, dataset, word in [
+    (tmp_path / "other_net.npz", "cifar10", "network_sha256"),
+    (tmp_path / "other_data.npz", "imagenet", "dataset"),
+  ]:
+    with pytest.raises(reference.ReferenceStatsError) as excinfo:
+      reference.load_reference(path, dataset, extractor)
+    assert f"has {word}" in one_line(excinfo)
+
+
+@pytest.mark.parametrize(
+  "array, ref, message",
+  [
+    (np.zeros((8, 8, 8, 3), np.float32), "cifar10", "are float32, not uint8"),
+    (np.zeros((8, 8, 8, 1), np.uint8), "cifar10", "shape (N, H, W, 3), got (8, 8, 8, 1)"),
+    (np.zeros((8, 8, 8), np.uint8), "digits", "shape (N, H, W, 1)"),
+    (np.zeros((3, 8, 8, 3), np.uint8), "cifar10", "at least 4 samples, got 3"),
+    (np.zeros((1, 16, 16, 1), np.uint8), "digits", "at least 2 samples, got 1"),
+  ],
+)
+def test_bad_samples_are_refused(array, ref, message):
+  with pytest.raises(SamplesError) as excinfo:
+    check_samples(array, ref)
+  assert message in one_line(excinfo)
+
+
+def test_the_cli_reports_bad_samples_in_one_line(tmp_path):
+  np.savez(tmp_path / "s.npz", arr_0=np.zeros((3, 8, 8, 3), np.float64))
+  result = run_module(
+    "binarydm_jax.evaluate", f"--samples={tmp_path / 's.npz'}", "--ref=cifar10", "--json=x"
+  )
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith("error: samples are float64")
+
+
+@pytest.mark.slow
+def test_cifar10_cli_end_to_end(weights_dir, tmp_path):
+  np.savez(tmp_path / "real.npz", arr_0=images(0))
+  np.savez(tmp_path / "samples.npz", arr_0=images(1))
+  args = [
+    f"--samples={tmp_path / 'samples.npz'}",
+    "--ref=cifar10",
+    f"--inception={weights_dir}",
+    "--allow_other_weights",
+    f"--ref_npz={tmp_path / 'real.npz'}",
+    f"--cache_dir={tmp_path / 'cache'}",
+  ]
+  result = run_module("binarydm_jax.evaluate", *args, f"--json={tmp_path / 'a.json'}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  scores = json.loads((tmp_path / "a.json").read_text())
+  assert scores["num_samples"] == NUM and scores["reference"]["num_images"] == NUM
+  assert scores["fid"] > 0 and scores["feature_extractor_sha256"] == "ab" * 32
+  assert len(list((tmp_path / "cache").glob("ref_cifar10_inception_2015_12_05_abababab.npz"))) == 1
+
+
+@pytest.mark.slow
+def test_digits_generate_then_evaluate(tmp_path):
+  """A 16 px teacher workdir: generate 4 samples in 2 shards, then the digits metrics."""
+  config = tiny_config()
+  config.data.image_size = 16
+  model = unet_from_config(config.model)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,), int))
+  state = create_train_state(params["params"], optax.adam(1e-3), jax.random.PRNGKey(0))
+  save_stage(tmp_path / "teacher", config, state, 5)
+  samples = tmp_path / "samples"
+  result = run_module(
+    "binarydm_jax.generate",
+    f"--workdir={tmp_path}",
+    "--which=teacher",
+    "--num_samples=4",
+    "--steps=2",
+    "--batch_size=8",
+    "--shard_size=2",
+    f"--out={samples}",
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "shard 2/2: 4/4 images drawn" in result.stdout
+  assert load_samples(samples).shape == (4, 16, 16, 1)
+  out = tmp_path / "eval.json"
+  result = run_module(
+    "binarydm_jax.evaluate", f"--samples={samples}", "--ref=digits", f"--json={out}"
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  scores = json.loads(out.read_text())
+  assert scores["num_samples"] == 4 and scores["fid"] > 0 and len(scores["fid_ci"]) == 2
+  assert scores["feature_extractor"].startswith("digits_cnn_v1_16px_")
+  assert scores["generation"]["ddim_steps"] == 2 and scores["generation"]["model"].startswith(
+    "teacher of"
+  )

@@ -1,14 +1,16 @@
 """QAT step time over FP train step time at the same batch, measured side by side in one run.
 
   python -m benchmarks.qat_step_cost [--config=configs/digits.py] [--batch_size=64]
-      [--repeats=5] [--steps_per_repeat=5] [--json=out.json]
+      [--repeats=5] [--steps_per_repeat=5] [--noise_data] [--json=out.json]
 
 Times the library's own jitted steps on the config's model and data: the FP teacher step
 (`train.make_train_step`) and the QAT step (`qat.make_student`) of `baseline` (single basis, no
 teacher forward) and `binarydm` (EBB in the head/tail, plus the teacher forward and the LRM loss),
 at the config's `quant.preset`. After compilation and warm-up, `--repeats` rounds alternate
 between the steps (so machine load hits all alike); the medians of the per-step times and their
-ratios to the FP step are printed as a markdown table.
+ratios to the FP step are printed as a markdown table. `--noise_data` times the same steps on
+uniform noise images of the config's shape instead of its dataset (step time does not depend on
+pixel values), e.g. for CIFAR-10 on a machine where the dataset is not prepared.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from binarydm_jax import diffusion, qat, sharding, train
-from binarydm_jax.input_pipeline import load_dataset
+from binarydm_jax.input_pipeline import ImageDataset, load_dataset
 from binarydm_jax.models.unet import unet_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Model and data config.")
@@ -33,6 +36,18 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
 _STEPS = flags.DEFINE_integer("steps_per_repeat", 5, "Steps timed per round and variant.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant after compilation.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+_NOISE = flags.DEFINE_bool("noise_data", False, "Uniform noise images instead of the dataset.")
+
+# Images of the noise dataset: enough for the LRM projection's calibration batches.
+_NOISE_IMAGES = 1024
+
+
+def noise_dataset(config) -> ImageDataset:
+  """Uniform noise in [-1, 1] shaped as the config's images (seeded by `data.seed`)."""
+  size, channels = config.data.image_size, config.model.channels
+  rng = np.random.default_rng(config.data.seed)
+  images = rng.uniform(-1, 1, (_NOISE_IMAGES, size, size, channels)).astype(np.float32)
+  return ImageDataset(train=images, heldout=images[:64], seed=config.data.seed, random_flip=False)
 
 
 def fp_step(config, mesh, dataset, model, schedule):
@@ -67,7 +82,7 @@ def main(argv: list[str]) -> None:
   batch_size = _BATCH.value or config.qat.batch_size
   config.qat.batch_size = config.training.batch_size = batch_size
   mesh = sharding.make_mesh(config.mesh)
-  dataset = load_dataset(config.data)
+  dataset = noise_dataset(config) if _NOISE.value else load_dataset(config.data)
   schedule = diffusion.schedule_from_config(config.diffusion)
   model = unet_from_config(config.model)
   batch = sharding.global_batch(dataset.batch(0, batch_size), mesh)
@@ -94,6 +109,7 @@ def main(argv: list[str]) -> None:
   result = {
     "config": {"image_size": config.data.image_size, "ch": config.model.ch},
     "preset": config.quant.preset,
+    "data": "noise" if _NOISE.value else config.data.name,
     "batch_size": batch_size,
     "ms_per_step": {name: 1e3 * m for name, m in median.items()},
     "ratio_over_fp": {name: m / median["fp"] for name, m in median.items()},

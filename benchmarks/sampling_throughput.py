@@ -130,8 +130,9 @@ def main(argv: list[str]) -> None:
   per_s = {name: batch / m for name, m in median.items()}
 
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  device = jax.devices()[0].device_kind
   print(
-    f"{cpu_model()}, {cores} of {os.cpu_count()} cores usable; jax {jax.__version__}; "
+    f"{device} ({cpu_model()}, {cores} of {os.cpu_count()} cores usable); jax {jax.__version__}; "
     f"{config.model.ch}ch UNet at {size}x{size}x{channels}, batch {batch}, DDIM {steps} steps, "
     f"{_REPEATS.value} interleaved repeats (median); student {quant_config.preset} single basis, "
     f"{int8_layers} of {len(paths)} layers in int8; its export: {manifest['export_bytes']:,} "
@@ -147,6 +148,7 @@ def main(argv: list[str]) -> None:
     )
   if _JSON.value:
     result = {
+      "device": device,
       "cpu": cpu_model(),
       "cores_usable": cores,
       "jax": jax.__version__,

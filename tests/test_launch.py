@@ -11,6 +11,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "launch", "*.sh")))
 EXECUTABLES = [s for s in SCRIPTS if os.path.basename(s) != "common.sh"]
+# Every shell script of the repo that shellcheck checks: launch/ and the benchmark runners.
+SHELL_SCRIPTS = SCRIPTS + sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.sh")))
 TPU = ["--name=binarydm", "--zone=us-central2-b"]
 MAIN = ["python", "-m", "binarydm_jax.main"]
 
@@ -204,6 +206,6 @@ def test_shellcheck_passes_on_every_script():
     )
   assert len(SCRIPTS) >= 9
   proc = subprocess.run(
-    [shellcheck, *SCRIPTS], cwd=ROOT, capture_output=True, text=True, timeout=120
+    [shellcheck, *SHELL_SCRIPTS], cwd=ROOT, capture_output=True, text=True, timeout=120
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -10,7 +10,7 @@
 # the input pipeline import them at module level, and none of these benchmarks calls them (CIFAR
 # steps are timed on noise images with --noise_data; no TensorBoard writer is made).
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 out=${1:?usage: benchmarks/device_benchmarks.sh OUT_DIR}
 mkdir -p "$out"
 py=${PYTHON:-python3}

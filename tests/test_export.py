@@ -121,6 +121,7 @@ def test_pack_uses_the_lce_bit_order():
 # ------------------------------------------------------------------------------- the artifact
 
 
+@pytest.mark.slow
 def test_the_int8_path_of_an_export_equals_its_float_path(student, loaded):
   """load_export(inference='int8'): int8 sign kernels, and the student's eps within float noise."""
   config, _, _, export_dir, _ = student

@@ -145,6 +145,7 @@ def test_decoupled_form_reaches_the_target_ratio_by_the_switch():
   assert all(np.all(np.asarray(s) == 0.0) for s in higher(state.params))
 
 
+@pytest.mark.slow
 def test_baseline_has_no_higher_bases_no_lrm_and_no_penalty():
   config = tiny_config(method="baseline")
   state, run, *_ = setup(config)
@@ -164,7 +165,9 @@ def single_device_step():
   return config, jax.device_get(state.params), history[0]
 
 
-@pytest.mark.parametrize("mesh", [{"data": 8, "fsdp": 1}, {"data": 2, "fsdp": 4}])
+@pytest.mark.parametrize(
+  "mesh", [{"data": 8, "fsdp": 1}, pytest.param({"data": 2, "fsdp": 4}, marks=pytest.mark.slow)]
+)
 def test_sharded_step_equals_single_device(mesh, single_device_step):
   config, single_params, single_metrics = single_device_step
   sharded, run8, *_ = setup(config, ml_collections.ConfigDict(mesh))
@@ -209,7 +212,7 @@ def test_describe_student_names_the_bit_width():
   assert qat.describe_student(config)["bits"] == "W32A32"
 
 
-@pytest.mark.parametrize("restart", [True, False])
+@pytest.mark.parametrize("restart", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_ema_restarts_from_the_single_basis_params_at_the_switch(restart):
   config = tiny_config(ebb_form="paper", switch_step=3, num_steps=5, ema_decay=0.9)
   config.qat.ema_restart_at_switch = restart
@@ -252,6 +255,7 @@ def test_learning_rate_schedules():
     qat_optim.learning_rate_schedule(config.qat, switch_step=4)
 
 
+@pytest.mark.slow
 def test_step_logs_the_learning_rate():
   config = tiny_config(method="baseline")
   state, run, *_ = setup(config)

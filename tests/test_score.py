@@ -44,6 +44,7 @@ def images(seed, num=NUM):
   return np.random.default_rng(seed).integers(0, 256, (num, 8, 8, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_cifar10_metrics_against_a_cached_reference(extractor, tmp_path):
   real = images(0)
   ref, path = reference.cached_reference("cifar10", extractor, lambda: real, tmp_path)

@@ -18,6 +18,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from binarydm_jax import fileio
+
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint in a directory was written for a different model than the current config."""
@@ -27,12 +29,12 @@ class CheckpointDamagedError(ValueError):
   """A stage directory holds checkpoints, but none of them can be read."""
 
 
-def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+def make_manager(directory: str | os.PathLike, keep: int) -> ocp.CheckpointManager:
   """A manager that keeps the `keep` most recent checkpoints of `directory`."""
   options = ocp.CheckpointManagerOptions(
     create=True, preservation_policy=preservation_policy.LatestN(keep)
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(fileio.absolute(directory), options=options)
 
 
 def save(

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from binarydm_jax.flag_parsing import parse_flags
@@ -323,12 +325,13 @@ def account(
   return result
 
 
-def _dump(result: Mapping[str, Any], path: str) -> None:
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
+def _dump(result: Mapping[str, Any], path: str | os.PathLike) -> None:
+  epath.Path(path).write_text(json.dumps(result, indent=1))
 
 
-def write_json(config: ml_collections.ConfigDict, path: str, **kwargs: Any) -> dict[str, Any]:
+def write_json(
+  config: ml_collections.ConfigDict, path: str | os.PathLike, **kwargs: Any
+) -> dict[str, Any]:
   """Writes `account(config, **kwargs)` to `path` as JSON and returns it."""
   result = account(config, **kwargs)
   _dump(result, path)

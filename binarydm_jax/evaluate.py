@@ -6,7 +6,6 @@ Run as a module it is the sample-scoring CLI of `binarydm_jax.evaluate_cli`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,11 +14,13 @@ import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers
+from etils import epath
 from jax.sharding import Mesh
 
 from binarydm_jax import diffusion, sampling, sharding
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_metrics
+from binarydm_jax.fileio import write_atomic
 from binarydm_jax.input_pipeline import ImageDataset
 
 
@@ -62,7 +63,7 @@ def evaluate_sampler(
   )
   grid = sampling.image_grid(samples[: config.sampling.grid_size])
   if jax.process_index() == 0:
-    sampling.save_png(grid, os.path.join(workdir, "samples", f"{name}_final.png"))
+    sampling.save_png(grid, epath.Path(workdir) / "samples" / f"{name}_final.png")
   writer.write_images(0, {f"{name}/final_samples": grid[None]})
 
   if config.eval.metric == "digits_fid":
@@ -84,11 +85,7 @@ def write_results(results: dict[str, Any], workdir: str) -> None:
   """Writes `results` to WORKDIR/eval.json atomically (process 0 only)."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, "eval.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  write_atomic(epath.Path(workdir) / "eval.json", json.dumps(results, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ cifar10: FID, sFID, Inception Score, precision/recall and KID (`kid`, `kid_std`)
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 from binarydm_jax.evaluation import inception, reference
 from binarydm_jax.input_pipeline import DatasetNotFoundError
@@ -100,14 +100,13 @@ def main(argv: list[str]) -> None:
   ) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  manifest = os.path.join(_SAMPLES.value, MANIFEST_NAME)
-  if os.path.isfile(manifest):
-    with open(manifest) as f:
-      result["generation"] = json.load(f)
+  manifest = epath.Path(_SAMPLES.value) / MANIFEST_NAME
+  if manifest.is_file():
+    result["generation"] = json.loads(manifest.read_text())
   result.update(ref=_REF.value, samples=_SAMPLES.value)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(_JSON.value) or ".", exist_ok=True)
-    with open(_JSON.value, "w") as f:
-      json.dump(result, f, indent=2, sort_keys=True)
+    out = epath.Path(_JSON.value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=True))
     headline = {k: result[k] for k in ("fid", "kid", "num_samples") if k in result}
     print(f"{_JSON.value}: {headline}")

@@ -8,7 +8,6 @@ non-donated argument; the student state is donated.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +19,7 @@ import ml_collections
 import optax
 from absl import logging
 from clu import metric_writers
+from etils import epath
 from jax.sharding import Mesh
 
 from binarydm_jax import diffusion, lrm, qat_optim, sampling, sharding, switch
@@ -408,7 +408,7 @@ def train_student(
   evolves = student.settings.ebb and switch_step < config.qat.num_steps
   stage = Stage(
     name="student",
-    directory=os.path.join(workdir, "student"),
+    directory=str(epath.Path(workdir) / "student"),
     num_steps=config.qat.num_steps,
     batch_size=config.qat.batch_size,
     step_fn=lambda state, batch: student.step(state, teacher_params, batch),

@@ -10,13 +10,12 @@ as uint8 NHWC. Sampler settings default to the model's own config (its `sampling
 
 from __future__ import annotations
 
-import os
 import sys
 
-import numpy as np
 from absl import app, flags
+from etils import epath
 
-from binarydm_jax import sampling, workdir
+from binarydm_jax import fileio, sampling, workdir
 from binarydm_jax.export import ExportError
 from binarydm_jax.sampleable import draw, load
 from binarydm_jax.teacher import TeacherError
@@ -59,9 +58,9 @@ def main(argv: list[str]) -> None:
     sampling.save_png(sampling.image_grid(sampling.upscale(images, GRID_MIN_SIZE)), _OUT.value)
     written.append(_OUT.value)
   if _NPZ.value:
-    os.makedirs(os.path.dirname(_NPZ.value) or ".", exist_ok=True)
-    with open(_NPZ.value, "wb") as f:  # np.savez(path) would append ".npz" to other names.
-      np.savez(f, arr_0=sampling.to_uint8(images))
+    npz = epath.Path(_NPZ.value)
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    npz.write_bytes(fileio.npz_bytes(arr_0=sampling.to_uint8(images)))
     written.append(_NPZ.value)
   print(f"{len(images)} samples of the {source.name}: {', '.join(written)}")
 

@@ -5,13 +5,13 @@ torch-fidelity layout), `samples_00000.npz`, `samples_00001.npz`, ... . Sample i
 key `fold_in(key(seed), i)` alone (`diffusion.ddim_sample` with per-sample keys), so it does not
 depend on the batch size, the device count or which run drew it: a killed generation rerun with
 the same flags draws only the missing shards and ends with the samples of an uninterrupted run.
-A shard is written to a temp file and renamed, so a half-written one is never taken as done; a
-shard that does not read back as the expected array is drawn again. `generation.json` records the
-settings, and a rerun with other settings is refused. `load_samples` reads one `.npz` or a shard
-directory as one array.
+A shard is written to a temp file and renamed (`fileio.write_atomic`), so a half-written one is
+never taken as done; a shard that does not read back as the expected array is drawn again.
+`generation.json` records the settings, and a rerun with other settings is refused. `load_samples`
+reads one `.npz` or a shard directory as one array.
 
 Every process draws every batch (the batch is split over all devices of all hosts) and process 0
-writes the shards (the directory must be on a file system all hosts see when it resumes).
+writes the shards (the directory must be one all hosts see when it resumes, e.g. `gs://`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import time
 import zipfile
 from collections.abc import Callable
@@ -28,9 +27,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
-from binarydm_jax import sampling
+from binarydm_jax import fileio, sampling
 from binarydm_jax.sampleable import Sampleable, sampler_on, settings
 
 MANIFEST_NAME = "generation.json"
@@ -41,9 +41,9 @@ class SamplesError(ValueError):
   """Unreadable samples, or a generation directory that does not fit the request."""
 
 
-def shard_path(out_dir: str | os.PathLike, index: int) -> pathlib.Path:
+def shard_path(out_dir: str | os.PathLike, index: int) -> epath.Path:
   """The file of shard `index` in `out_dir`."""
-  return pathlib.Path(out_dir) / f"{SHARD_PREFIX}{index:05d}.npz"
+  return epath.Path(out_dir) / f"{SHARD_PREFIX}{index:05d}.npz"
 
 
 def sample_keys(seed: int, indices: np.ndarray) -> jax.Array:
@@ -53,18 +53,10 @@ def sample_keys(seed: int, indices: np.ndarray) -> jax.Array:
   )
 
 
-def _write_npz(path: pathlib.Path, images: np.ndarray) -> None:
-  """Writes `arr_0` to a temp file beside `path`, then renames it (atomic on one file system)."""
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, arr_0=images)
-  os.replace(tmp, path)
-
-
-def _read_npz(path: pathlib.Path) -> np.ndarray:
+def _read_npz(path: epath.Path) -> np.ndarray:
   """`arr_0` of an .npz, or SamplesError (one line) when it cannot be read."""
   try:
-    with np.load(path) as data:
+    with fileio.load_npz(path) as data:
       return data["arr_0"]
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise SamplesError(
@@ -73,7 +65,7 @@ def _read_npz(path: pathlib.Path) -> np.ndarray:
     ) from e
 
 
-def _shard_done(path: pathlib.Path, shape: tuple[int, ...]) -> bool:
+def _shard_done(path: epath.Path, shape: tuple[int, ...]) -> bool:
   """Whether `path` holds a complete uint8 shard of `shape`."""
   if not path.is_file():
     return False
@@ -84,7 +76,7 @@ def _shard_done(path: pathlib.Path, shape: tuple[int, ...]) -> bool:
   return images.shape == shape and images.dtype == np.uint8
 
 
-def _check_manifest(out_dir: pathlib.Path, manifest: dict[str, Any]) -> None:
+def _check_manifest(out_dir: epath.Path, manifest: dict[str, Any]) -> None:
   """Writes `generation.json`, or refuses a directory generated with other settings."""
   path = out_dir / MANIFEST_NAME
   if path.is_file():
@@ -99,9 +91,7 @@ def _check_manifest(out_dir: pathlib.Path, manifest: dict[str, Any]) -> None:
         "to resume, or another --out"
       )
     return
-  tmp = path.with_name(f".{MANIFEST_NAME}.tmp")
-  tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  fileio.write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def generate(
@@ -156,7 +146,7 @@ def generate(
     "ddim_steps": sampling_settings.ddim_steps if sampling_settings.sampler == "ddim" else None,
     "eta": sampling_settings.eta if sampling_settings.sampler == "ddim" else None,
   }
-  out_dir = pathlib.Path(out_dir)
+  out_dir = epath.Path(out_dir)
   num_shards = math.ceil(num_samples / shard_size)
 
   def shard_shape(index: int) -> tuple[int, ...]:
@@ -185,7 +175,7 @@ def generate(
     images = sampling.to_uint8(np.concatenate(batches)[:count])
     done += count
     if jax.process_index() == 0:
-      _write_npz(shard_path(out_dir, s), images)
+      fileio.write_atomic(shard_path(out_dir, s), fileio.npz_bytes(arr_0=images))
       rate = done / (time.perf_counter() - start_time)
       log(
         f"shard {s + 1}/{num_shards}: {done}/{total} images drawn, {rate:.2f} images/s, "
@@ -203,7 +193,7 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
     SamplesError: (one line) a missing path, an unreadable file, a directory without shards or
       with a gap (an unfinished generation), or shards of different image shapes or dtypes.
   """
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if path.is_file():
     return _read_npz(path)
   if not path.is_dir():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from PIL import Image
@@ -98,7 +100,15 @@ def image_grid(images: np.ndarray) -> np.ndarray:
   return grid
 
 
-def save_png(grid: np.ndarray, path: str) -> None:
-  """Writes a uint8 HWC grid to `path` (grayscale when C=1), creating the folder."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+def save_png(grid: np.ndarray, path: str | os.PathLike) -> None:
+  """Writes a uint8 HWC grid to `path` (grayscale when C=1), creating the folder.
+
+  The format follows the file name's extension (PNG when it names none that PIL knows).
+  """
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  image = io.BytesIO()
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(
+    image, format=Image.registered_extensions().get(path.suffix.lower(), "PNG")
+  )
+  path.write_bytes(image.getvalue())

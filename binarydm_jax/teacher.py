@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -20,7 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
+from binarydm_jax import fileio
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import param_labels
 
@@ -71,11 +72,11 @@ def save_teacher(
   model_config: ml_collections.ConfigDict,
   params: Any,
   overwrite: bool = False,
-) -> pathlib.Path:
+) -> epath.Path:
   """Writes an orbax teacher checkpoint with the items `params` and `config`.
 
   Args:
-    path: the checkpoint directory to create (an absolute path is used).
+    path: the checkpoint directory to create (local ones are made absolute; `gs://` works).
     model_config: the teacher's `config.model` section (saved as JSON).
     params: the UNet's `params` tree.
     overwrite: replace an existing directory instead of failing.
@@ -85,7 +86,7 @@ def save_teacher(
   """
   import orbax.checkpoint as ocp
 
-  path = pathlib.Path(path).absolute()
+  path = fileio.absolute(path)
   if path.exists() and not overwrite:
     raise TeacherError(f"{path} already exists; remove it or pass overwrite=True (--overwrite)")
   items = ocp.args.Composite(
@@ -97,11 +98,11 @@ def save_teacher(
   return path
 
 
-def _is_orbax_item_dir(path: pathlib.Path) -> bool:
+def _is_orbax_item_dir(path: epath.Path) -> bool:
   return (path / "config").is_dir() and ((path / "params").is_dir() or (path / "state").is_dir())
 
 
-def _orbax_item_dir(path: pathlib.Path) -> pathlib.Path | None:
+def _orbax_item_dir(path: epath.Path) -> epath.Path | None:
   """`path` if it holds orbax teacher items, else its latest step dir that does, else None."""
   if _is_orbax_item_dir(path):
     return path
@@ -112,7 +113,7 @@ def _orbax_item_dir(path: pathlib.Path) -> pathlib.Path | None:
   return None
 
 
-def _load_orbax(path: pathlib.Path) -> tuple[ml_collections.ConfigDict, Any]:
+def _load_orbax(path: epath.Path) -> tuple[ml_collections.ConfigDict, Any]:
   """Restores `params` + model `config` (save_teacher), or a training stage's EMA params."""
   import orbax.checkpoint as ocp
 
@@ -163,7 +164,7 @@ def _missing_files_message(source: str, reason: str) -> str:
   )
 
 
-def _download(source: str) -> pathlib.Path:
+def _download(source: str) -> epath.Path:
   try:
     from huggingface_hub import snapshot_download
   except ImportError as e:
@@ -180,7 +181,7 @@ def _download(source: str) -> pathlib.Path:
         source, f"no such path, and downloading it from the hub failed ({type(e).__name__})"
       )
     ) from e
-  return pathlib.Path(local)
+  return epath.Path(local)
 
 
 def load_teacher(source: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any]:
@@ -197,7 +198,7 @@ def load_teacher(source: str | os.PathLike) -> tuple[ml_collections.ConfigDict, 
   Raises:
     TeacherError: one message naming what is missing or unsupported.
   """
-  path = pathlib.Path(source).expanduser()
+  path = epath.Path(source).expanduser()
   if not path.exists():
     if not _HUB_ID.match(str(source)):
       raise TeacherError(_missing_files_message(str(source), "no such file or directory"))
@@ -205,7 +206,7 @@ def load_teacher(source: str | os.PathLike) -> tuple[ml_collections.ConfigDict, 
 
   item_dir = _orbax_item_dir(path)
   if item_dir is not None:
-    return _load_orbax(item_dir.absolute())
+    return _load_orbax(fileio.absolute(item_dir))
 
   from binarydm_jax.convert.diffusers_unet import load_diffusers_unet
 

@@ -5,7 +5,6 @@ Sections follow big_vision's order: mesh -> data -> model -> sharded init -> ste
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ import ml_collections
 import optax
 from absl import logging
 from clu import metric_writers
+from etils import epath
 from jax.sharding import Mesh
 
 from binarydm_jax import diffusion, efficiency, evaluate, export, optim, qat, sampling, sharding
@@ -106,7 +106,7 @@ def sample_callbacks(config: ml_collections.ConfigDict, workdir: str, writer):
       images = sampler(state.ema_params, jax.random.PRNGKey(0), config.sampling.grid_size)
       grid = sampling.image_grid(images)
       if jax.process_index() == 0:
-        sampling.save_png(grid, os.path.join(workdir, "samples", f"{name}_{step:07d}.png"))
+        sampling.save_png(grid, epath.Path(workdir) / "samples" / f"{name}_{step:07d}.png")
       writer.write_images(step, {f"{name}/samples": grid[None]})
 
     return on_sample
@@ -147,7 +147,7 @@ def train_teacher(
   sampler = sampling.make_sampler(model, schedule, config.sampling, mesh, image_shape)
   stage = Stage(
     name="teacher",
-    directory=os.path.join(workdir, "teacher"),
+    directory=str(epath.Path(workdir) / "teacher"),
     num_steps=config.training.num_steps,
     batch_size=config.training.batch_size,
     step_fn=step_fn,
@@ -178,7 +178,7 @@ def export_final_student(config: ml_collections.ConfigDict, state: Any, workdir:
     return
   manifest = export.export_student(
     (config, jax.device_get(state.ema_params)),
-    os.path.join(workdir, "export"),
+    epath.Path(workdir) / "export",
     config.export.fp_dtype,
     config.export.quant_dtype,
     step=int(jax.device_get(state.step)),
@@ -198,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       nothing after the stage ran. Calling again resumes.
   """
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   # ---------------------------------------------------------------- Mesh
   mesh = sharding.make_mesh(config.mesh)
   for key in ("training.batch_size", "qat.batch_size", "eval.batch_size", "sampling.grid_size"):
@@ -211,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = unet_from_config(config.model)
   schedule = diffusion.schedule_from_config(config.diffusion)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if jax.process_index() == 0 and not os.path.exists(os.path.join(workdir, "teacher")):
+  if jax.process_index() == 0 and not (epath.Path(workdir) / "teacher").exists():
     writer.write_hparams(_flat_hparams(config))
   # ---------------------------------------------------------------- Teacher
   if config.teacher.source:
@@ -244,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ) | qat.describe_student(config)
     evaluate.write_results(results, workdir)
     if jax.process_index() == 0:  # What the 1-bit student saves, from the model's own shapes.
-      efficiency.write_json(config, os.path.join(workdir, "efficiency.json"))
+      efficiency.write_json(config, epath.Path(workdir) / "efficiency.json")
     export_final_student(config, student_state, workdir)
   writer.flush()
   return results

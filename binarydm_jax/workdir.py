@@ -7,15 +7,16 @@ diffusion schedule are the ones the job used) and their EMA params (what the job
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
-from binarydm_jax import qat
+from binarydm_jax import fileio, qat
 from binarydm_jax.models.unet import param_shapes, unet_from_config
 from binarydm_jax.quant import with_policy
 from binarydm_jax.teacher import load_teacher
@@ -52,12 +53,12 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return (config.data.image_size, config.data.image_size, config.model.channels)
 
 
-def _latest(stage_dir: pathlib.Path, with_state: bool) -> tuple[int, dict[str, Any]] | None:
+def _latest(stage_dir: epath.Path, with_state: bool) -> tuple[int, dict[str, Any]] | None:
   """(step, {'config': dict[, 'state': dict]}) of the stage's latest checkpoint, or None."""
   if not stage_dir.is_dir():
     return None
   options = ocp.CheckpointManagerOptions(read_only=True)
-  with ocp.CheckpointManager(stage_dir.absolute(), options=options) as manager:
+  with ocp.CheckpointManager(fileio.absolute(stage_dir), options=options) as manager:
     step = manager.latest_step()
     if step is None:
       return None
@@ -74,13 +75,13 @@ def student_model(config: ml_collections.ConfigDict) -> nn.Module:
   return with_policy(model, qat.student_policy(config, settings, model, image_shape(config)))
 
 
-def load_student(workdir: str | pathlib.Path) -> TrainedModel:
+def load_student(workdir: str | os.PathLike) -> TrainedModel:
   """The latest student checkpoint of a job (WORKDIR/student), rebuilt from its own config.
 
   Raises:
     WorkdirError: no student checkpoint, or params that do not fit the config's student.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   found = _latest(workdir / "student", with_state=True)
   if found is None:
     raise WorkdirError(
@@ -101,13 +102,13 @@ def _shapes(tree: Any) -> Any:
   return jax.tree.map(lambda a: tuple(a.shape), tree)
 
 
-def load_teacher_stage(workdir: str | pathlib.Path) -> TrainedModel:
+def load_teacher_stage(workdir: str | os.PathLike) -> TrainedModel:
   """The job's FP teacher: WORKDIR/teacher, else the `teacher.source` the student was trained from.
 
   Raises:
     WorkdirError: neither a teacher checkpoint nor a student whose config names a teacher source.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   for stage in ("teacher", "student"):
     found = _latest(workdir / stage, with_state=False)
     if found is None:

@@ -24,15 +24,13 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from binarydm_jax import fileio
+
 LOCK_NAME = ".lock"
 
 
 class BadWorkdirError(Exception):
   """The workdir cannot be used: not a directory, or another job holds its lock."""
-
-
-def _is_remote(path: str) -> bool:
-  return "://" in path
 
 
 def check(workdir: str) -> None:
@@ -61,7 +59,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _create(lock: epath.Path, text: str) -> bool:
   """Writes `text` to `lock` unless it exists; True if this call created it."""
-  if _is_remote(str(lock)):  # best-effort: no exclusive create on object stores
+  if fileio.is_remote(lock):  # best-effort: no exclusive create on object stores
     if lock.exists():
       return False
     lock.write_text(text)

@@ -6,9 +6,9 @@ The flags live in `__main__.py`, so importing this module defines none.
 from __future__ import annotations
 
 import os
-import pathlib
 
 from absl import logging
+from etils import epath
 
 from binarydm_jax import teacher
 from binarydm_jax.models.unet import count_params
@@ -16,7 +16,7 @@ from binarydm_jax.models.unet import count_params
 
 def convert_teacher(
   source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False
-) -> pathlib.Path:
+) -> epath.Path:
   """Loads `source` (see `teacher.load_teacher`) and writes it to `output` as an orbax checkpoint.
 
   Args:
@@ -25,7 +25,7 @@ def convert_teacher(
     overwrite: replace `output` if it exists.
 
   Returns:
-    The absolute path of the written checkpoint.
+    The path of the written checkpoint (absolute if local).
   """
   model_config, params = teacher.load_teacher(source)
   path = teacher.save_teacher(output, model_config, params, overwrite=overwrite)

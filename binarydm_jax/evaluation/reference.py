@@ -12,12 +12,13 @@ precision/recall (ADM uses 10,000 reference images) and of KID. It is cached as
 from __future__ import annotations
 
 import os
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from binarydm_jax import fileio
 from binarydm_jax.evaluation.frechet import feature_statistics
 from binarydm_jax.evaluation.inception import InceptionExtractor
 
@@ -29,9 +30,11 @@ class ReferenceStatsError(ValueError):
   """A reference cache of another dataset or network, or one that cannot be read."""
 
 
-def reference_path(cache_dir: str | os.PathLike, dataset: str, extractor: InceptionExtractor):
+def reference_path(
+  cache_dir: str | os.PathLike, dataset: str, extractor: InceptionExtractor
+) -> epath.Path:
   """Where the reference of `dataset` under `extractor` is cached."""
-  return pathlib.Path(cache_dir).expanduser() / f"ref_{dataset}_{extractor.name}.npz"
+  return epath.Path(cache_dir).expanduser() / f"ref_{dataset}_{extractor.name}.npz"
 
 
 def compute_reference(
@@ -58,12 +61,9 @@ def compute_reference(
 
 def save_reference(path: str | os.PathLike, reference: dict[str, Any]) -> None:
   """Writes `reference` to `path` (a temp file renamed into place)."""
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, **reference)
-  os.replace(tmp, path)
+  fileio.write_atomic(path, fileio.npz_bytes(**reference))
 
 
 def load_reference(
@@ -71,7 +71,7 @@ def load_reference(
 ) -> dict[str, Any]:
   """Reads a cached reference, refusing (one line) one of another dataset, network or format."""
   try:
-    with np.load(path) as data:
+    with fileio.load_npz(path) as data:
       reference = {key: data[key] for key in data.files}
   except (OSError, ValueError) as e:
     raise ReferenceStatsError(
@@ -98,13 +98,13 @@ def cached_reference(
   images_fn: Callable[[], np.ndarray],
   cache_dir: str | os.PathLike,
   path: str | os.PathLike | None = None,
-) -> tuple[dict[str, Any], pathlib.Path]:
+) -> tuple[dict[str, Any], epath.Path]:
   """The reference at `path` (default: `reference_path`), computed from `images_fn()` if absent.
 
   Returns:
     The reference and the file it was read from or written to.
   """
-  path = pathlib.Path(path) if path else reference_path(cache_dir, dataset, extractor)
+  path = epath.Path(path) if path else reference_path(cache_dir, dataset, extractor)
   if path.is_file():
     return load_reference(path, dataset, extractor), path
   reference = compute_reference(images_fn(), dataset, extractor)

@@ -1,6 +1,6 @@
 """manifest.json of an export: the format, file hashes, the size on disk, and the checks on load.
 
-`export_bytes` is the sum of the sizes (os.stat st_size: file lengths, not filesystem blocks) of
+`export_bytes` is the sum of the sizes (file lengths in bytes, not filesystem blocks) of
 every file under the export directory, manifest.json included. The manifest states its own length
 that way by being padded with trailing spaces to exactly the length it accounts for (JSON allows
 trailing whitespace). `size_saving` = `fp32_bytes` / `export_bytes`.
@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pathlib
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights"  # The orbax checkpoint of the blobs.
@@ -50,14 +50,20 @@ def dumps(value: Any, indent: int = 0) -> str:
   return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
 
 
+def _files(directory: epath.Path) -> list[epath.Path]:
+  """Every file below `directory`, sorted (epath has no recursive glob: `gs://` would list all)."""
+  return sorted(root / name for root, _, names in directory.walk() for name in names)
+
+
 def file_table(directory: str | os.PathLike, under: str) -> dict[str, dict[str, Any]]:
   """{path relative to `directory`: {bytes, sha256}} of every file below `directory/under`."""
-  root = pathlib.Path(directory)
+  root = epath.Path(directory)
   table = {}
-  for path in sorted(p for p in (root / under).rglob("*") if p.is_file()):
+  for path in _files(root / under):
+    data = path.read_bytes()
     table[path.relative_to(root).as_posix()] = {
-      "bytes": path.stat().st_size,
-      "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+      "bytes": len(data),
+      "sha256": hashlib.sha256(data).hexdigest(),
     }
   return table
 
@@ -72,8 +78,8 @@ def write(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any
   Returns:
     The manifest as written (JSON types: lists for tuples).
   """
-  out_dir = pathlib.Path(out_dir)
-  others = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+  out_dir = epath.Path(out_dir)
+  others = sum(len(p.read_bytes()) for p in _files(out_dir) if p.name != MANIFEST)
   length = 0
   while True:  # The length only grows, so this ends after a few rounds.
     manifest["export_bytes"] = others + length
@@ -92,7 +98,7 @@ def read(export_dir: str | os.PathLike) -> dict[str, Any]:
   Raises:
     ExportError: no manifest, another format version, or a missing, truncated or edited file.
   """
-  export_dir = pathlib.Path(export_dir)
+  export_dir = epath.Path(export_dir)
   path = export_dir / MANIFEST
   if not path.is_file():
     raise ExportError(
@@ -113,11 +119,12 @@ def read(export_dir: str | os.PathLike) -> dict[str, Any]:
     )
   for name, expected in manifest["files"].items():
     file = export_dir / name
-    if not file.is_file():
+    data = file.read_bytes() if file.is_file() else None
+    if data is None:
       problem = "is missing"
-    elif file.stat().st_size != expected["bytes"]:
-      problem = f"has {file.stat().st_size} bytes instead of {expected['bytes']} (truncated?)"
-    elif hashlib.sha256(file.read_bytes()).hexdigest() != expected["sha256"]:
+    elif len(data) != expected["bytes"]:
+      problem = f"has {len(data)} bytes instead of {expected['bytes']} (truncated?)"
+    elif hashlib.sha256(data).hexdigest() != expected["sha256"]:
       problem = "does not match its sha256 (edited or corrupted)"
     else:
       continue

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any
 
 import flax.linen as nn
@@ -11,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from binarydm_jax import fileio
 from binarydm_jax.models.unet import param_shapes
 from binarydm_jax.quant import int8_params
 from binarydm_jax.quant.int8 import INT8
@@ -20,9 +21,9 @@ from . import layout, manifest
 from .manifest import ExportError
 
 
-def _restore_blobs(path: pathlib.Path, parts: dict[str, Any]) -> dict[str, np.ndarray]:
+def _restore_blobs(path: epath.Path, parts: dict[str, Any]) -> dict[str, np.ndarray]:
   with ocp.StandardCheckpointer() as checkpointer:
-    blobs = checkpointer.restore(path.absolute())
+    blobs = checkpointer.restore(fileio.absolute(path))
   for name, part in parts.items():
     blob = np.asarray(blobs.get(name, np.zeros(0)))
     if blob.dtype.name != part["dtype"] or blob.size != part["count"]:
@@ -49,7 +50,7 @@ def load_export(
     ExportError: no manifest, another format version, a missing/truncated/edited file, or an
       unknown inference mode.
   """
-  export_dir = pathlib.Path(export_dir)
+  export_dir = epath.Path(export_dir)
   info = manifest.read(export_dir)
   rows = layout.rows_from_table(info["policy"])
   try:

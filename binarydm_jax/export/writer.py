@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import pathlib
-import shutil
-import tempfile
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,8 +11,9 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from binarydm_jax import qat, workdir
+from binarydm_jax import fileio, qat, workdir
 from binarydm_jax.models.unet import param_shapes
 from binarydm_jax.quant.params import param_labels, scale_index
 from binarydm_jax.quant.policy import unwrap_params
@@ -62,18 +61,19 @@ def _check_finite(blobs: Mapping[str, np.ndarray], options: Mapping[str, str]) -
       raise ExportError(f"the student's {name!r} params are not all finite{hint}")
 
 
-def _write_checkpoint(path: pathlib.Path, blobs: Mapping[str, np.ndarray]) -> None:
+def _write_checkpoint(path: epath.Path, blobs: Mapping[str, np.ndarray]) -> None:
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path.absolute(), dict(blobs))
+    checkpointer.save(fileio.absolute(path), dict(blobs))
 
 
-def _prepare_out_dir(out_dir: pathlib.Path) -> pathlib.Path:
+def _prepare_out_dir(out_dir: epath.Path) -> epath.Path:
   """A fresh temporary directory beside `out_dir`, which may only be absent or an export."""
   if out_dir.exists() and not (out_dir / manifest.MANIFEST).is_file():
     if not out_dir.is_dir() or any(out_dir.iterdir()):
       raise ExportError(f"{out_dir} exists and is not an export; choose another output directory")
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  return pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  tmp = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}"
+  tmp.mkdir(parents=True)
+  return tmp
 
 
 def export_student(
@@ -126,7 +126,7 @@ def export_student(
   blobs, kernel_bytes = layout.pack(params, rows, dtypes)
   _check_finite(blobs, options)
 
-  out_dir = pathlib.Path(out_dir)
+  out_dir = epath.Path(out_dir)
   tmp = _prepare_out_dir(out_dir)
   try:
     _write_checkpoint(tmp / manifest.WEIGHTS, blobs)
@@ -153,10 +153,10 @@ def export_student(
       },
     )
     if out_dir.exists():
-      shutil.rmtree(out_dir)
+      out_dir.rmtree()
     tmp.rename(out_dir)
   finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.rmtree(missing_ok=True)
   return written
 
 
@@ -167,5 +167,5 @@ def export_student_from_workdir(
   quant_dtype: str = "float32",
 ) -> dict:
   """`export_student` of a job's latest student checkpoint into OUT_DIR (default WORKDIR/export)."""
-  out_dir = out_dir if out_dir is not None else os.path.join(workdir_path, "export")
+  out_dir = out_dir if out_dir is not None else epath.Path(workdir_path) / "export"
   return export_student(workdir_path, out_dir, fp_dtype, quant_dtype)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,10 +25,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks.common import cpu_model, random_teacher
 from binarydm_jax import diffusion, export, quant
 from binarydm_jax.models.unet import UNet, unet_from_config
 
@@ -40,21 +39,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved timing rounds.")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 
 MODELS = ("teacher", "fake-quant", "int8")
-
-
-def random_teacher(model: UNet, x: jax.Array, t: jax.Array, seed: int = 0) -> dict[str, Any]:
-  """FP params with every leaf random (no zero-initialised kernels), made without compiling."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
-  rng = np.random.default_rng(seed)
-
-  def make(path: tuple[Any, ...], shape: jax.ShapeDtypeStruct) -> np.ndarray:
-    if path[-1].key == "kernel":
-      fan_in = int(np.prod(shape.shape[:-1]))
-      return rng.normal(0, 1 / np.sqrt(fan_in), shape.shape).astype(np.float32)
-    base = 1.0 if path[-1].key == "scale" else 0.0
-    return (base + 0.1 * rng.normal(size=shape.shape)).astype(np.float32)
-
-  return jax.tree.map_with_path(make, shapes)
 
 
 def make_sampler(model: UNet, config: Any, batch: int, steps: int) -> Callable[..., jax.Array]:
@@ -73,18 +57,6 @@ def make_sampler(model: UNet, config: Any, batch: int, steps: int) -> Callable[.
     )
 
   return sample
-
-
-def cpu_model() -> str:
-  """The CPU model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def main(argv: list[str]) -> None:

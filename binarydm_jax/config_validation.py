@@ -118,13 +118,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   )
   _check(config, "sampling.variance", *_one_of(("fixedlarge", "fixedsmall")))
   _check(config, "sampling.grid_size", _positive_int, "a positive int")
-  _check(config, "eval.metric", *_one_of(("digits_fid", "none")))
-  if config.eval.metric == "digits_fid" and config.data.name != "digits":
-    raise ConfigError(
-      f"config.eval.metric='digits_fid' needs data.name='digits' (got {config.data.name!r}); "
-      "set --config.eval.metric=none"
-    )
-  _check(config, "eval.num_samples", lambda v: isinstance(v, int) and v >= 2, "an int >= 2")
+  _check(config, "eval.metric", *_one_of(("digits_fid", "inception", "none")))
+  for metric, dataset in [("digits_fid", "digits"), ("inception", "cifar10")]:
+    if config.eval.metric == metric and config.data.name != dataset:
+      raise ConfigError(
+        f"config.eval.metric={metric!r} needs data.name={dataset!r} (got "
+        f"{config.data.name!r}); set --config.eval.metric=none"
+      )
+  from binarydm_jax.score import MIN_SAMPLES  # Late: score -> export -> qat -> this.
+
+  least = MIN_SAMPLES["cifar10"] if config.eval.metric == "inception" else 2
+  _check(
+    config, "eval.num_samples", lambda v: isinstance(v, int) and v >= least, f"an int >= {least}"
+  )
+  _check(
+    config, "eval.inception_dir", lambda v: v is None or isinstance(v, str), "None or a directory"
+  )
   _check(config, "eval.batch_size", _positive_int, "a positive int")
   _check(config, "eval.seed", lambda v: _non_negative_int(v) and v < 2**32, "an int in [0, 2**32)")
   _check(

@@ -1,10 +1,15 @@
 """Evaluates trained models by sampling them and scoring the samples; writes WORKDIR/eval.json.
 
+`config.eval.metric`: 'digits_fid' (the digits CNN), 'inception' (the FID Inception metrics against
+CIFAR-10's train split; the samples are drawn in resumable shards under WORKDIR/eval_samples, so a
+preempted 50,000-sample evaluation continues where it stopped) or 'none'.
+
 Run as a module it is the sample-scoring CLI of `binarydm_jax.evaluate_cli`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -13,15 +18,39 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from clu import metric_writers
 from etils import epath
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, sampling, sharding
+from binarydm_jax import diffusion, sample_shards, sampling, score, sharding
+from binarydm_jax.evaluation import inception, reference
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_metrics
 from binarydm_jax.fileio import write_atomic
 from binarydm_jax.input_pipeline import ImageDataset
+
+SHARD_SIZE = 1000  # Samples per resumable shard of the inception metric.
+INCEPTION_SCALARS = (
+  "fid",
+  "sfid",
+  "inception_score",
+  "precision",
+  "recall",
+  "kid",
+  "kid_std",
+)
+
+
+def check_ready(config: ml_collections.ConfigDict) -> None:
+  """Fails fast (before any training) when `config.eval.metric` cannot run at the end.
+
+  Raises:
+    inception.InceptionError: (one line, saying where to download the weights and where they
+      go) for metric 'inception' when `eval.inception_dir` holds no converted FID Inception.
+  """
+  if config.eval.metric == "inception":
+    inception.check_weights(config.eval.inception_dir)
 
 
 def evaluate_model(
@@ -34,12 +63,18 @@ def evaluate_model(
   mesh: Mesh,
   workdir: str,
   writer: metric_writers.MetricWriter,
+  model_id: str = "",
 ) -> dict[str, Any]:
-  """Samples `config.eval.num_samples` images, saves a grid, and scores them with `config.eval.metric`."""
+  """Samples `config.eval.num_samples` images, saves a grid, and scores them with `config.eval.metric`.
+
+  `model_id` tells these params apart from others evaluated under the same `name` in `workdir`
+  (e.g. the stage's final step): metric 'inception' resumes only shards drawn with the same
+  name, id and sampling settings.
+  """
   sharding.check_batch_divisible(config.eval.batch_size, mesh, "config.eval.batch_size")
   image_shape = dataset.train.shape[1:]
   sampler = sampling.make_sampler(model, schedule, config.sampling, mesh, image_shape)
-  return evaluate_sampler(name, sampler, params, config, dataset, workdir, writer)
+  return evaluate_sampler(name, sampler, params, config, dataset, workdir, writer, model_id)
 
 
 def evaluate_sampler(
@@ -50,18 +85,24 @@ def evaluate_sampler(
   dataset: ImageDataset,
   workdir: str,
   writer: metric_writers.MetricWriter,
+  model_id: str = "",
 ) -> dict[str, Any]:
   """`evaluate_model` with a sampler already built (e.g. the one a training stage samples with).
 
   The initial noise comes from `config.eval.seed`, so every model of a run is scored on the same
-  noise; the same seed draws the digits metrics' bootstrap and KID subsets.
+  noise; the same seed draws the digits metrics' bootstrap and the KID subsets.
   """
   image_shape = dataset.train.shape[1:]
   seed = config.eval.seed
-  samples = sampling.sample_many(
-    sampler, params, jax.random.PRNGKey(seed), config.eval.num_samples, config.eval.batch_size
-  )
-  grid = sampling.image_grid(samples[: config.sampling.grid_size])
+  if config.eval.metric == "inception":
+    images, generation = _draw_shards(name, model_id, sampler, params, config, image_shape, workdir)
+    shown = images[: config.sampling.grid_size].astype(np.float32) / 127.5 - 1.0
+  else:
+    samples = sampling.sample_many(
+      sampler, params, jax.random.PRNGKey(seed), config.eval.num_samples, config.eval.batch_size
+    )
+    shown = samples[: config.sampling.grid_size]
+  grid = sampling.image_grid(shown)
   if jax.process_index() == 0:
     sampling.save_png(grid, epath.Path(workdir) / "samples" / f"{name}_final.png")
   writer.write_images(0, {f"{name}/final_samples": grid[None]})
@@ -73,12 +114,68 @@ def evaluate_sampler(
     scalars = {key: result[key] for key in ("fid", "fid_all", "kid", "kid_std")}
     scalars.update(fid_ci_low=low, fid_ci_high=high)
     writer.write_scalars(0, {f"{name}/digits_{key}": value for key, value in scalars.items()})
+  elif config.eval.metric == "inception":
+    result = _inception_metrics(images, config) | {"generation": generation}
+    writer.write_scalars(0, {f"{name}/{key}": result[key] for key in INCEPTION_SCALARS})
   else:
     result = {"num_samples": int(samples.shape[0])}
   result["sampler"] = (
     f"ddim{config.sampling.ddim_steps}" if config.sampling.sampler == "ddim" else "ddpm"
   )
   return result
+
+
+def _draw_shards(
+  name: str,
+  model_id: str,
+  sampler: Callable[[Any, jax.Array, int], np.ndarray],
+  params: Any,
+  config: ml_collections.ConfigDict,
+  image_shape: tuple[int, ...],
+  workdir: str,
+) -> tuple[np.ndarray, dict[str, Any]]:
+  """The uint8 eval samples, drawn (or resumed) in shards under WORKDIR/eval_samples.
+
+  The directory is named by the model and a hash of the generation's settings, so a rerun with
+  other settings or another model draws into a fresh directory instead of mixing samples.
+  """
+  label = f"{name} ({model_id})" if model_id else name
+  manifest = sample_shards.generation_manifest(
+    label,
+    config.sampling,
+    config.eval.num_samples,
+    SHARD_SIZE,
+    config.eval.seed,
+    image_shape,
+  )
+  digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:8]
+  out_dir = epath.Path(workdir) / "eval_samples" / f"{name}_{digest}"
+  result = sample_shards.write_shards(
+    lambda: (sampler, params),
+    out_dir,
+    manifest,
+    batch_size=config.eval.batch_size,
+    log=lambda line: logging.info("%s eval samples: %s", name, line),
+  )
+  return sample_shards.load_samples(out_dir), {**result, "dir": str(out_dir)}
+
+
+def _inception_metrics(images: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`score.score_against_reference` of uint8 samples against CIFAR-10's train split."""
+  extractor = inception.load_inception(config.eval.inception_dir)
+  cache_dir = (
+    epath.Path(config.eval.cache_dir) / "reference"
+    if config.eval.cache_dir
+    else reference.DEFAULT_CACHE_DIR
+  )
+  return score.score_against_reference(
+    images,
+    config.data.name,
+    extractor,
+    lambda: score.cifar10_train_images(config.data.data_dir),
+    cache_dir,
+    seed=config.eval.seed,
+  )
 
 
 def write_results(results: dict[str, Any], workdir: str) -> None:

@@ -32,11 +32,9 @@ from binarydm_jax.score import (
   REFS,
   check_samples,
   cifar10_train_images,
+  score_against_reference,
   score_digits,
-  score_inception,
 )
-
-DEFAULT_CACHE_DIR = "~/.cache/binarydm_jax/reference"
 
 
 def _reference_images(path: str | None, data_dir: str | None) -> np.ndarray:
@@ -62,7 +60,9 @@ _REF_NPZ = flags.DEFINE_string(
 )
 _REF_STATS = flags.DEFINE_string("ref_stats", None, "cifar10: a reference cache file to use.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "cifar10: the tfds data dir.")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", DEFAULT_CACHE_DIR, "Where references are cached.")
+_CACHE_DIR = flags.DEFINE_string(
+  "cache_dir", reference.DEFAULT_CACHE_DIR, "Where references are cached."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of KID's subsets and the digits bootstrap.")
 
 
@@ -78,19 +78,15 @@ def main(argv: list[str]) -> None:
       result = score_digits(images, _SEED.value)
     else:
       extractor = inception.load_inception(_INCEPTION.value, allow_other_weights=_ALLOW_OTHER.value)
-      ref, path = reference.cached_reference(
+      result = score_against_reference(
+        images,
         "cifar10",
         extractor,
         lambda: _reference_images(_REF_NPZ.value, _DATA_DIR.value),
         _CACHE_DIR.value,
         _REF_STATS.value,
+        _SEED.value,
       )
-      result = score_inception(images, ref, extractor, _SEED.value)
-      result["reference"] = {
-        "dataset": "cifar10",
-        "num_images": ref["num_images"],
-        "file": str(path),
-      }
   except (
     SamplesError,
     inception.InceptionError,

@@ -1,9 +1,9 @@
 """Command line: `python -m binarydm_jax.main --config=configs/digits.py --workdir=DIR`.
 
 Intentionally short: flags in, `train.train_and_evaluate(config, workdir)` out. Known user errors
-(bad config, missing data, wrong or damaged checkpoint, NaN loss, a workdir that is a file or in use
-by another job) are printed as one line, not a traceback. A preempted job (SIGTERM) logs where it
-saved and exits 0; rerunning it resumes.
+(bad config, missing data or Inception weights, wrong or damaged checkpoint, NaN loss, a workdir
+that is a file or in use by another job) are printed as one line, not a traceback. A preempted job
+(SIGTERM) logs where it saved and exits 0; rerunning it resumes.
 """
 
 import logging as pylogging
@@ -50,6 +50,8 @@ def main(argv: list[str]) -> None:
   from binarydm_jax import distributed, train, workdir_lock
   from binarydm_jax.checkpointing import CheckpointDamagedError, CheckpointMismatchError
   from binarydm_jax.config_validation import ConfigError
+  from binarydm_jax.evaluation.inception import InceptionError
+  from binarydm_jax.evaluation.reference import ReferenceStatsError
   from binarydm_jax.input_pipeline import DatasetNotFoundError
   from binarydm_jax.loop import NonFiniteLossError
   from binarydm_jax.preemption import Preempted
@@ -75,6 +77,8 @@ def main(argv: list[str]) -> None:
     CheckpointDamagedError,
     NonFiniteLossError,
     TeacherError,
+    InceptionError,
+    ReferenceStatsError,
     workdir_lock.BadWorkdirError,
   ) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
@@ -94,6 +95,28 @@ def _check_manifest(out_dir: epath.Path, manifest: dict[str, Any]) -> None:
   fileio.write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def generation_manifest(
+  model: str,
+  sampling_settings: ml_collections.ConfigDict,
+  num_samples: int,
+  shard_size: int,
+  seed: int,
+  image_shape: tuple[int, ...],
+) -> dict[str, Any]:
+  """The settings of a generation, as `generation.json` records them (`ddim_steps`, `eta`: DDIM)."""
+  ddim = sampling_settings.sampler == "ddim"
+  return {
+    "model": model,
+    "num_samples": num_samples,
+    "shard_size": shard_size,
+    "seed": seed,
+    "image_shape": list(image_shape),
+    "sampler": sampling_settings.sampler,
+    "ddim_steps": sampling_settings.ddim_steps if ddim else None,
+    "eta": sampling_settings.eta if ddim else None,
+  }
+
+
 def generate(
   source: Sampleable,
   out_dir: str | os.PathLike,
@@ -136,21 +159,48 @@ def generate(
       f"{len(devices)} devices, got {num_samples}, {shard_size} and {batch_size}"
     )
   sampling_settings = settings(source, sampler, steps, eta)
-  manifest = {
-    "model": source.name,
-    "num_samples": num_samples,
-    "shard_size": shard_size,
-    "seed": seed,
-    "image_shape": list(source.image_shape),
-    "sampler": sampling_settings.sampler,
-    "ddim_steps": sampling_settings.ddim_steps if sampling_settings.sampler == "ddim" else None,
-    "eta": sampling_settings.eta if sampling_settings.sampler == "ddim" else None,
-  }
+  manifest = generation_manifest(
+    source.name, sampling_settings, num_samples, shard_size, seed, source.image_shape
+  )
+  return write_shards(
+    lambda: sampler_on(source, sampling_settings, devices),
+    out_dir,
+    manifest,
+    batch_size=batch_size,
+    log=log,
+  )
+
+
+def write_shards(
+  make_sampler: Callable[[], tuple[Callable[[Any, jax.Array, int], np.ndarray], Any]],
+  out_dir: str | os.PathLike,
+  manifest: dict[str, Any],
+  *,
+  batch_size: int,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+  """Draws the missing shards of `manifest`'s samples with a sampler already chosen.
+
+  Args:
+    make_sampler: returns `(sample, params)`, `sample(params, keys, num)` drawing one sample per
+      key in [-1, 1] on all processes (`sampling.make_sampler`); called only when a shard is
+      missing.
+    out_dir: the shard directory (created).
+    manifest: the settings written to `generation.json`, with at least `num_samples`,
+      `shard_size`, `seed` and `image_shape`; a directory holding other settings is refused.
+    batch_size: samples per `sample` call (divisible by the sampler's device count).
+    log: where the progress lines go (process 0 only).
+
+  Returns:
+    `manifest` plus `drawn`: the shards drawn now.
+  """
+  num_samples, shard_size, seed = (manifest[k] for k in ("num_samples", "shard_size", "seed"))
+  image_shape = tuple(manifest["image_shape"])
   out_dir = epath.Path(out_dir)
   num_shards = math.ceil(num_samples / shard_size)
 
   def shard_shape(index: int) -> tuple[int, ...]:
-    return (min(shard_size, num_samples - index * shard_size), *source.image_shape)
+    return (min(shard_size, num_samples - index * shard_size), *image_shape)
 
   missing = np.zeros(num_shards, np.int32)
   if jax.process_index() == 0:
@@ -162,7 +212,7 @@ def generate(
   if jax.process_count() > 1:  # Every process draws the same batches.
     missing = np.asarray(multihost_utils.broadcast_one_to_all(missing))
   todo = [s for s in range(num_shards) if missing[s]]
-  sample, params = sampler_on(source, sampling_settings, devices) if todo else (None, None)
+  sample, params = make_sampler() if todo else (None, None)
   total = sum(shard_shape(s)[0] for s in todo)
   done, start_time = 0, time.perf_counter()
   for s in todo:

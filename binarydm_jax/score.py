@@ -8,13 +8,15 @@ cifar10: FID, sFID, Inception Score, precision/recall and KID (`kid`, `kid_std`)
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 import numpy as np
 
 from binarydm_jax import sampling
-from binarydm_jax.evaluation import inception
+from binarydm_jax.evaluation import inception, reference
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_metrics
 from binarydm_jax.evaluation.frechet import feature_statistics, frechet_distance
@@ -91,3 +93,34 @@ def score_inception(
     "feature_extractor": extractor.name,
     "feature_extractor_sha256": extractor.source_sha256,
   }
+
+
+def score_against_reference(
+  images: np.ndarray,
+  dataset: str,
+  extractor: inception.InceptionExtractor,
+  reference_images: Callable[[], np.ndarray],
+  cache_dir: str | os.PathLike,
+  reference_file: str | os.PathLike | None = None,
+  seed: int = 0,
+) -> dict[str, Any]:
+  """`score_inception` against the cached reference of `dataset` (computed if absent).
+
+  Args:
+    images: uint8 (N, H, W, 3) samples.
+    dataset: the real data's name, e.g. "cifar10".
+    extractor: the FID Inception.
+    reference_images: returns the real uint8 images; called only when no reference is cached.
+    cache_dir: where the reference is cached (`reference.reference_path`).
+    reference_file: a reference file to use instead of the cached one.
+    seed: seed of KID's subsets.
+
+  Returns:
+    `score_inception`'s metrics and `reference`: its dataset, number of images and file.
+  """
+  ref, path = reference.cached_reference(
+    dataset, extractor, reference_images, cache_dir, reference_file
+  )
+  result = score_inception(images, ref, extractor, seed)
+  result["reference"] = {"dataset": dataset, "num_images": ref["num_images"], "file": str(path)}
+  return result

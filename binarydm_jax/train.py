@@ -198,6 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       nothing after the stage ran. Calling again resumes.
   """
   validate_config(config)
+  evaluate.check_ready(config)  # E.g. the Inception weights, before hours of training.
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   # ---------------------------------------------------------------- Mesh
   mesh = sharding.make_mesh(config.mesh)
@@ -222,7 +223,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     teacher_params = train_teacher(config, workdir, mesh, dataset, model, schedule, writer)
   results = {
     "teacher": evaluate.evaluate_model(
-      "teacher", teacher_params, model, schedule, config, dataset, mesh, workdir, writer
+      "teacher",
+      teacher_params,
+      model,
+      schedule,
+      config,
+      dataset,
+      mesh,
+      workdir,
+      writer,
+      model_id=config.teacher.source or f"step {config.training.num_steps}",
     )
   }
   evaluate.write_results(results, workdir)
@@ -240,7 +250,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       sample_callbacks(config, workdir, writer),
     )
     results["student"] = evaluate.evaluate_model(
-      "student", student_state.ema_params, student, schedule, config, dataset, mesh, workdir, writer
+      "student",
+      student_state.ema_params,
+      student,
+      schedule,
+      config,
+      dataset,
+      mesh,
+      workdir,
+      writer,
+      model_id=f"step {config.qat.num_steps}",
     ) | qat.describe_student(config)
     evaluate.write_results(results, workdir)
     if jax.process_index() == 0:  # What the 1-bit student saves, from the model's own shapes.

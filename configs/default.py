@@ -127,7 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.grid_size = 64  # Images in each saved sample grid.
 
   config.eval = evaluation = ml_collections.ConfigDict()
-  evaluation.metric = "none"  # 'digits_fid' (offline) or 'none' (Inception FID: later release).
+  # 'digits_fid' (offline), 'inception' (FID, sFID, IS, precision/recall, KID against CIFAR-10's
+  # train split; needs the converted weights in eval.inception_dir) or 'none'.
+  evaluation.metric = "none"
   evaluation.num_samples = 1000  # Generated samples per evaluated model.
   # Seed of the evaluation's initial noise (the same for every model of a run) and of the digits
   # metrics' bootstrap and KID subsets.
@@ -136,6 +138,9 @@ def get_config() -> ml_collections.ConfigDict:
   evaluation.cache_dir = config_dict.placeholder(
     str
   )  # Feature-extractor cache; None = ~/.cache/binarydm_jax.
+  # eval.metric='inception': the converted FID Inception weights (python -m
+  # binarydm_jax.convert.inception); None = ~/.cache/binarydm_jax/inception_fid.
+  evaluation.inception_dir = config_dict.placeholder(str)
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Devices on the data axis; -1 = all devices not used by fsdp.

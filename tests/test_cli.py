@@ -133,6 +133,7 @@ def test_missing_cifar10_data_dir(tmp_path, session_dir):
       "--config=configs/cifar.py",
       f"--workdir={tmp_path / 'work'}",
       f"--config.data.data_dir={empty}",
+      "--config.eval.metric=none",  # Else the missing Inception weights stop it first.
     ],
     session_dir,
     timeout=120,  # no network look-ups: a missing dataset fails at once
@@ -143,3 +144,22 @@ def test_missing_cifar10_data_dir(tmp_path, session_dir):
   assert line.startswith(f"error: CIFAR-10 is not prepared in {empty}")
   assert f"--config.data.data_dir={empty}" in line
   assert os.listdir(empty) == []  # nothing downloaded or created
+
+
+def test_missing_inception_weights_stop_the_cifar10_job_first(tmp_path, session_dir):
+  absent = tmp_path / "inception"
+  result = run_main(
+    [
+      "--config=configs/cifar.py",
+      f"--workdir={tmp_path / 'work'}",
+      f"--config.eval.inception_dir={absent}",
+    ],
+    session_dir,
+    timeout=120,
+  )
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr, result.stderr
+  (line,) = _error_lines(result.stderr)
+  assert line.startswith(f"error: no converted FID Inception weights in {absent}"), line
+  assert "download https://" in line and f"--out={absent}" in line
+  assert not list((tmp_path / "work").glob("*"))  # Before the data, the model or any training.

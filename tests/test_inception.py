@@ -9,7 +9,6 @@ import json
 import pathlib
 import subprocess
 import sys
-from unittest import mock
 
 import jax
 import numpy as np
@@ -36,22 +35,9 @@ def torch_fidelity_inception():
 
 
 @pytest.fixture(scope="module")
-def random_pth(tmp_path_factory, torch_fidelity_inception):
+def random_pth(tmp_path_factory):
   """A torch-fidelity InceptionV3 state dict with random convs and batch-norm statistics."""
-  cls = torch_fidelity_inception.FeatureExtractorInceptionV3
-  # The constructor always loads a state dict: skip that to get the bare architecture.
-  with mock.patch.object(torch, "load"), mock.patch.object(cls, "load_state_dict"):
-    model = cls("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
-  generator = torch.Generator().manual_seed(0)
-  state_dict = model.state_dict()
-  for key, value in state_dict.items():
-    if key.endswith("conv.weight"):  # He init keeps activations O(1) through the 94 convs.
-      std = (2.0 / value[0].numel()) ** 0.5
-      value.copy_(torch.randn(value.shape, generator=generator) * std)
-    elif key.endswith(("bn.weight", "running_var")):
-      value.copy_(torch.rand(value.shape, generator=generator) + 0.5)
-    elif key.endswith(("bn.bias", "running_mean")):
-      value.copy_(torch.randn(value.shape, generator=generator) * 0.1)
+  _, state_dict = torch_fidelity_compat.random_inception()
   path = tmp_path_factory.mktemp("weights") / "random-inception.pth"
   torch.save(state_dict, path)
   return path

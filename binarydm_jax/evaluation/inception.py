@@ -375,23 +375,23 @@ class InceptionExtractor:
     return InceptionOutputs(*(np.concatenate(field) for field in zip(*parts, strict=True)))
 
 
-def load_inception(
+def check_weights(
   path: str | os.PathLike | None = None, *, allow_other_weights: bool = False
-) -> InceptionExtractor:
-  """Loads the converted FID Inception weights written by `binarydm_jax.convert.inception`.
+) -> dict[str, Any]:
+  """Checks, without reading the params, that `path` holds converted FID Inception weights.
+
+  What a job runs before its hours of training: the missing-directory, format and source-hash
+  errors of `load_inception` (the params file's own hash is checked when it is loaded).
 
   Args:
-    path: the converter's `--out` directory; `DEFAULT_DIR` (~/.cache/binarydm_jax/inception_fid)
-      when None.
-    allow_other_weights: accept params converted from a file whose sha256 is not `WEIGHTS_SHA256`
-      (tests' random weights); their features are not the standard FID's.
+    path: the converter's `--out` directory; `DEFAULT_DIR` when None.
+    allow_other_weights: accept params converted from a file whose sha256 is not `WEIGHTS_SHA256`.
 
   Returns:
-    An `InceptionExtractor`.
+    The weights' provenance (`META_NAME`): `source_file`, `source_sha256`, `params_sha256`.
 
   Raises:
-    InceptionError: (one line) when the directory or its files are missing, the params file is
-      corrupt, or the weights are not torch-fidelity's 2015-12-05 Inception.
+    InceptionError: (one line) see `load_inception`.
   """
   path = pathlib.Path(DEFAULT_DIR if path is None else path).expanduser()
   if path.is_file() and path.suffix == ".pth":
@@ -410,17 +410,40 @@ def load_inception(
       f"{path / META_NAME} has format_version {meta.get('format_version')!r}, this code reads "
       f"{_FORMAT_VERSION}: convert the .pth again with {_CONVERT_HINT}"
     )
-  payload = (path / PARAMS_NAME).read_bytes()
-  if hashlib.sha256(payload).hexdigest() != meta["params_sha256"]:
-    raise InceptionError(
-      f"{path / PARAMS_NAME} does not match the sha256 recorded in {META_NAME} (corrupt or "
-      f"edited): convert the .pth again with {_CONVERT_HINT}"
-    )
   if meta["source_sha256"] != WEIGHTS_SHA256 and not allow_other_weights:
     raise InceptionError(
       f"{path} was converted from {meta['source_file']} with sha256 {meta['source_sha256']}, not "
       f"the FID Inception ({WEIGHTS_SHA256}): download {WEIGHTS_URL} and convert it, or pass "
       "allow_other_weights=True for other weights"
+    )
+  return meta
+
+
+def load_inception(
+  path: str | os.PathLike | None = None, *, allow_other_weights: bool = False
+) -> InceptionExtractor:
+  """Loads the converted FID Inception weights written by `binarydm_jax.convert.inception`.
+
+  Args:
+    path: the converter's `--out` directory; `DEFAULT_DIR` (~/.cache/binarydm_jax/inception_fid)
+      when None.
+    allow_other_weights: accept params converted from a file whose sha256 is not `WEIGHTS_SHA256`
+      (tests' random weights); their features are not the standard FID's.
+
+  Returns:
+    An `InceptionExtractor`.
+
+  Raises:
+    InceptionError: (one line) when the directory or its files are missing, the params file is
+      corrupt, or the weights are not torch-fidelity's 2015-12-05 Inception.
+  """
+  meta = check_weights(path, allow_other_weights=allow_other_weights)
+  path = pathlib.Path(DEFAULT_DIR if path is None else path).expanduser()
+  payload = (path / PARAMS_NAME).read_bytes()
+  if hashlib.sha256(payload).hexdigest() != meta["params_sha256"]:
+    raise InceptionError(
+      f"{path / PARAMS_NAME} does not match the sha256 recorded in {META_NAME} (corrupt or "
+      f"edited): convert the .pth again with {_CONVERT_HINT}"
     )
   params = flax.serialization.msgpack_restore(payload)
   return InceptionExtractor(params, meta["source_sha256"])

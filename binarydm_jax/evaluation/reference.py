@@ -23,6 +23,7 @@ from binarydm_jax.evaluation.frechet import feature_statistics
 from binarydm_jax.evaluation.inception import InceptionExtractor
 
 MAX_FEATURES = 10_000
+DEFAULT_CACHE_DIR = "~/.cache/binarydm_jax/reference"
 _FORMAT_VERSION = 1
 
 

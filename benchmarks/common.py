@@ -1,0 +1,38 @@
+"""Helpers the benchmark scripts share (defines no flags, so any script can import it)."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import jax
+import numpy as np
+
+from binarydm_jax.models.unet import UNet
+
+
+def random_teacher(model: UNet, x: jax.Array, t: jax.Array, seed: int = 0) -> dict[str, Any]:
+  """FP params with every leaf random (no zero-initialised kernels), made without compiling."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)["params"]
+  rng = np.random.default_rng(seed)
+
+  def make(path: tuple[Any, ...], shape: jax.ShapeDtypeStruct) -> np.ndarray:
+    if path[-1].key == "kernel":
+      fan_in = int(np.prod(shape.shape[:-1]))
+      return rng.normal(0, 1 / np.sqrt(fan_in), shape.shape).astype(np.float32)
+    base = 1.0 if path[-1].key == "scale" else 0.0
+    return (base + 0.1 * rng.normal(size=shape.shape)).astype(np.float32)
+
+  return jax.tree.map_with_path(make, shapes)
+
+
+def cpu_model() -> str:
+  """The CPU model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"

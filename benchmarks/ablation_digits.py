@@ -17,6 +17,7 @@ tau or switch-step ablations: `--set=qat.lrm_weight=1e-3`, `--set=qat.lr_schedul
 """
 
 import ast
+import dataclasses
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ from clu import metric_writers
 from binarydm_jax import diffusion, evaluate, qat, sharding
 from binarydm_jax.config_validation import ConfigError, validate_config
 from binarydm_jax.input_pipeline import load_dataset
+from binarydm_jax.job import Job
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import PRESETS
 from binarydm_jax.teacher import assert_same_architecture, load_teacher
@@ -85,7 +87,7 @@ METHODS = {
 }
 
 
-def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str, float]:
+def run_one(job: Job, teacher_params) -> dict[str, float]:
   """Trains one student in a fresh workdir; its digits-FID (EMA params, as the job samples).
 
   The final scores are `fid` (held-out split) and, beside it, `fid_all` (all real digits), `fid_ci`
@@ -96,6 +98,7 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str,
   and EBB also `switch`: the switch report of `qat.switch_transition` plus `fid_two_basis` (EMA
   params at step S) and `fid_collapsed` (at step S + 1: sigma_II = 0, EMA restarted).
   """
+  config = job.config
   with tempfile.TemporaryDirectory() as workdir:
     writer = metric_writers.create_default_writer(workdir, just_logging=True)
 
@@ -109,7 +112,7 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str,
       scored = config.copy_and_resolve_references()
       scored.eval.num_samples = num_samples or config.eval.num_samples
       return evaluate.evaluate_sampler(
-        "student", samplers[0], params, scored, dataset, workdir, writer
+        "student", samplers[0], params, scored, job.dataset, workdir, writer
       )
 
     def fid(params, num_samples: int | None = None) -> float:
@@ -135,15 +138,8 @@ def run_one(config, teacher_params, model, dataset, mesh, schedule) -> dict[str,
       switch.update(report)
 
     _, state = qat.train_student(
-      config,
-      workdir,
-      mesh,
-      dataset,
-      model,
+      dataclasses.replace(job, workdir=workdir, writer=writer, on_sample=on_sample_factory),
       teacher_params,
-      schedule,
-      writer,
-      on_sample_factory,
       on_switch=on_switch if score_switch else None,
     )
     final = scores(state.ema_params)
@@ -352,7 +348,8 @@ def main(argv):
   assert_same_architecture(base.model, teacher_config, base.data.image_size)
   # Restored on one device; the samplers and the QAT step expect the mesh's placement.
   teacher_params = jax.device_put(teacher_params, sharding.tree_shardings(teacher_params, mesh))
-  model = unet_from_config(base.model)
+  # The stages' shared objects; each run replaces the config, workdir, writer and callbacks.
+  base_job = Job(base, "", mesh, dataset, unet_from_config(base.model), schedule, None, None)
   results = {
     "teacher": None,
     "qat_steps": base.qat.num_steps,
@@ -377,15 +374,14 @@ def main(argv):
   if worker == 0 and results["teacher"] is None:
     with tempfile.TemporaryDirectory() as workdir:
       writer = metric_writers.create_default_writer(workdir, just_logging=True)
-      results["teacher"] = evaluate.evaluate_model(
-        "teacher", teacher_params, model, schedule, base, dataset, mesh, workdir, writer
-      )["fid"]
+      job = dataclasses.replace(base_job, workdir=workdir, writer=writer)
+      results["teacher"] = evaluate.evaluate_model(job, "teacher", teacher_params, job.model)["fid"]
     save()
   for (bits, name, seed), config in grid[worker::num_workers]:
     if any((r["bits"], r["method"], r["seed"]) == (bits, name, seed) for r in results["runs"]):
       continue
     started = time.time()
-    fids = run_one(config, teacher_params, model, dataset, mesh, schedule)
+    fids = run_one(dataclasses.replace(base_job, config=config), teacher_params)
     minutes = (time.time() - started) / 60
     logging.info("ablation %s %s seed %d: %s (%.1f min)", bits, name, seed, fids, minutes)
     results["runs"].append(

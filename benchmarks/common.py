@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from typing import Any
 
@@ -36,3 +37,10 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or "unknown"
+
+
+def write_json(path: str | None, result: dict[str, Any]) -> None:
+  """Writes a benchmark's `result` to `path` (its --json flag), if given."""
+  if path:
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)

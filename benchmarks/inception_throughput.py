@@ -28,7 +28,6 @@ time scaled by 100 / steps (a DDIM step costs one UNet call).
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import statistics
 import tempfile
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from absl import app, flags
 
-from benchmarks.common import cpu_model, random_teacher
+from benchmarks.common import cpu_model, random_teacher, write_json
 from binarydm_jax import score
 from binarydm_jax.convert.inception import convert_state_dict
 from binarydm_jax.evaluation import inception, reference
@@ -213,9 +212,7 @@ def main(argv: list[str]) -> None:
       rows.append(("total at DDIM 100 (generation scaled)", timed["estimated_total_s_at_ddim100"]))
     for label, seconds in rows:
       print(f"| {label} | {seconds:.1f} | {num / seconds:.2f} |")
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(result, f, indent=2)
+  write_json(_JSON.value, result)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ pixel values), e.g. for CIFAR-10 on a machine where the dataset is not prepared.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -26,6 +25,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from benchmarks.common import write_json
 from binarydm_jax import diffusion, qat, sharding, train
 from binarydm_jax.input_pipeline import ImageDataset, load_dataset
 from binarydm_jax.models.unet import unet_from_config
@@ -122,9 +122,7 @@ def main(argv: list[str]) -> None:
   print("|---|---|---|")
   for name in steps:
     print(f"| {name} | {1e3 * median[name]:.0f} | {median[name] / median['fp']:.2f} |")
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(result, f, indent=2)
+  write_json(_JSON.value, result)
 
 
 if __name__ == "__main__":

@@ -7,17 +7,16 @@ from typing import Any
 
 import ml_collections
 
+from binarydm_jax.errors import ConfigError
+from binarydm_jax.export import FP_DTYPES
 from binarydm_jax.qat_optim import (
   EBB_REDUCTIONS,
   LR_SCHEDULES,
   resolve_component,
   resolve_switch_step,
 )
+from binarydm_jax.score import MIN_SAMPLES
 from binarydm_jax.switch import HANDOVERS
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key, the value and what is expected."""
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -125,7 +124,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.eval.metric={metric!r} needs data.name={dataset!r} (got "
         f"{config.data.name!r}); set --config.eval.metric=none"
       )
-  from binarydm_jax.score import MIN_SAMPLES  # Late: score -> export -> qat -> this.
 
   least = MIN_SAMPLES["cifar10"] if config.eval.metric == "inception" else 2
   _check(
@@ -167,7 +165,6 @@ def _validate_qat(config: ml_collections.ConfigDict) -> None:
   _check(config, "qat.ebb_tau", lambda v: v >= 0, "a float >= 0")
   _check(config, "qat.ebb_reduction", *_one_of(EBB_REDUCTIONS))
   _check(config, "qat.ebb_absolute", lambda v: isinstance(v, bool), "True or False")
-  from binarydm_jax.export import FP_DTYPES  # Late: export imports qat, which imports this.
 
   _check(config, "export.fp_dtype", *_one_of(FP_DTYPES))
   _check(config, "export.quant_dtype", *_one_of(FP_DTYPES))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -21,25 +20,17 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 from etils import epath
-from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, sample_shards, sampling, score, sharding
+from binarydm_jax import sample_shards, sampling, score, sharding
 from binarydm_jax.evaluation import inception, reference
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_metrics
 from binarydm_jax.fileio import write_atomic
 from binarydm_jax.input_pipeline import ImageDataset
+from binarydm_jax.job import Job
 
 SHARD_SIZE = 1000  # Samples per resumable shard of the inception metric.
-INCEPTION_SCALARS = (
-  "fid",
-  "sfid",
-  "inception_score",
-  "precision",
-  "recall",
-  "kid",
-  "kid_std",
-)
+INCEPTION_SCALARS = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "kid_std")
 
 
 def check_ready(config: ml_collections.ConfigDict) -> None:
@@ -54,32 +45,25 @@ def check_ready(config: ml_collections.ConfigDict) -> None:
 
 
 def evaluate_model(
-  name: str,
-  params: Any,
-  model: nn.Module,
-  schedule: diffusion.Schedule,
-  config: ml_collections.ConfigDict,
-  dataset: ImageDataset,
-  mesh: Mesh,
-  workdir: str,
-  writer: metric_writers.MetricWriter,
-  model_id: str = "",
+  job: Job, name: str, params: Any, model: nn.Module, model_id: str = ""
 ) -> dict[str, Any]:
   """Samples `config.eval.num_samples` images, saves a grid, and scores them with `config.eval.metric`.
 
-  `model_id` tells these params apart from others evaluated under the same `name` in `workdir`
-  (e.g. the stage's final step): metric 'inception' resumes only shards drawn with the same
-  name, id and sampling settings.
+  `model_id` tells these params apart from others evaluated under the same `name` in the job's
+  workdir (e.g. the stage's final step): metric 'inception' resumes only shards drawn with the
+  same name, id and sampling settings.
   """
-  sharding.check_batch_divisible(config.eval.batch_size, mesh, "config.eval.batch_size")
-  image_shape = dataset.train.shape[1:]
-  sampler = sampling.make_sampler(model, schedule, config.sampling, mesh, image_shape)
-  return evaluate_sampler(name, sampler, params, config, dataset, workdir, writer, model_id)
+  config = job.config
+  sharding.check_batch_divisible(config.eval.batch_size, job.mesh, "config.eval.batch_size")
+  sampler = sampling.make_sampler(model, job.schedule, config.sampling, job.mesh, job.image_shape)
+  return evaluate_sampler(
+    name, sampler, params, config, job.dataset, job.workdir, job.writer, model_id
+  )
 
 
 def evaluate_sampler(
   name: str,
-  sampler: Callable[[Any, jax.Array, int], np.ndarray],
+  sampler: sampling.Sampler,
   params: Any,
   config: ml_collections.ConfigDict,
   dataset: ImageDataset,
@@ -128,7 +112,7 @@ def evaluate_sampler(
 def _draw_shards(
   name: str,
   model_id: str,
-  sampler: Callable[[Any, jax.Array, int], np.ndarray],
+  sampler: sampling.Sampler,
   params: Any,
   config: ml_collections.ConfigDict,
   image_shape: tuple[int, ...],

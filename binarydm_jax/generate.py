@@ -15,10 +15,10 @@ import jax
 from absl import app, flags
 
 from binarydm_jax import workdir
+from binarydm_jax.errors import TeacherError
 from binarydm_jax.export import ExportError
 from binarydm_jax.sample_shards import SamplesError, generate
 from binarydm_jax.sampleable import load
-from binarydm_jax.teacher import TeacherError
 
 _EXPORT = flags.DEFINE_string(
   "export", None, "An export directory (python -m binarydm_jax.export)."

@@ -1,6 +1,6 @@
 """Command line: `python -m binarydm_jax.main --config=configs/digits.py --workdir=DIR`.
 
-Intentionally short: flags in, `train.train_and_evaluate(config, workdir)` out. Known user errors
+Intentionally short: flags in, `pipeline.run(config, workdir)` out. Known user errors
 (bad config, missing data or Inception weights, wrong or damaged checkpoint, NaN loss, a workdir
 that is a file or in use by another job) are printed as one line, not a traceback. A preempted job
 (SIGTERM) logs where it saved and exits 0; rerunning it resumes.
@@ -47,15 +47,14 @@ def main(argv: list[str]) -> None:
   import jax
   import tensorflow as tf
 
-  from binarydm_jax import distributed, train, workdir_lock
+  from binarydm_jax import distributed, pipeline, workdir_lock
   from binarydm_jax.checkpointing import CheckpointDamagedError, CheckpointMismatchError
-  from binarydm_jax.config_validation import ConfigError
+  from binarydm_jax.errors import ConfigError, TeacherError
   from binarydm_jax.evaluation.inception import InceptionError
   from binarydm_jax.evaluation.reference import ReferenceStatsError
   from binarydm_jax.input_pipeline import DatasetNotFoundError
   from binarydm_jax.loop import NonFiniteLossError
   from binarydm_jax.preemption import Preempted
-  from binarydm_jax.teacher import TeacherError
 
   logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(
@@ -67,7 +66,7 @@ def main(argv: list[str]) -> None:
   )
   try:
     with workdir_lock.hold(FLAGS.workdir):
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      pipeline.run(FLAGS.config, FLAGS.workdir)
   except Preempted as e:  # Nothing evaluated or exported: the rerun continues the stage.
     logging.warning("%s", e)
   except (

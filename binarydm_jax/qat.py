@@ -23,8 +23,9 @@ from etils import epath
 from jax.sharding import Mesh
 
 from binarydm_jax import diffusion, lrm, qat_optim, sampling, sharding, switch
-from binarydm_jax.config_validation import ConfigError
+from binarydm_jax.errors import ConfigError
 from binarydm_jax.input_pipeline import ImageDataset
+from binarydm_jax.job import Job
 from binarydm_jax.loop import Stage, run_stage
 from binarydm_jax.quant import (
   PRESETS,
@@ -384,45 +385,38 @@ def switch_transition(
 
 
 def train_student(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  mesh: Mesh,
-  dataset: ImageDataset,
-  teacher: nn.Module,
+  job: Job,
   teacher_params: Any,
-  schedule: diffusion.Schedule,
-  writer: metric_writers.MetricWriter,
-  on_sample_factory,
   on_switch: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[nn.Module, Any]:
-  """Runs QAT in WORKDIR/student (resuming if possible); returns (student model, final state).
+  """Runs QAT of `job.model` in WORKDIR/student (resuming if possible); returns (student model,
+  final state).
 
   Sample with the state's `ema_params` (the job does); `params` are the raw, non-averaged ones.
   With EBB, samples are also taken at the switch step S (the two-basis student) and at S + 1
   (the single-basis student that step S + 1 starts from, EMA restarted), and `switch_transition`
   runs before step S (`on_switch` gets its report).
   """
-  student = make_student(config, mesh, dataset, teacher, teacher_params, schedule)
-  image_shape = dataset.train.shape[1:]
+  config = job.config
+  student = make_student(config, job.mesh, job.dataset, job.model, teacher_params, job.schedule)
   switch_step = student.settings.switch_step
   evolves = student.settings.ebb and switch_step < config.qat.num_steps
+  sampler = sampling.make_sampler(
+    student.model, job.schedule, config.sampling, job.mesh, job.image_shape
+  )
   stage = Stage(
     name="student",
-    directory=str(epath.Path(workdir) / "student"),
+    directory=str(epath.Path(job.workdir) / "student"),
     num_steps=config.qat.num_steps,
     batch_size=config.qat.batch_size,
     step_fn=lambda state, batch: student.step(state, teacher_params, batch),
     structural_keys=STRUCTURAL_KEYS,
     learning_rate_key="qat.learning_rate",
-    transitions={switch_step: switch_transition(student, config.qat, writer, on_switch)}
+    transitions={switch_step: switch_transition(student, config.qat, job.writer, on_switch)}
     if evolves
     else {},
     sample_steps=(switch_step, switch_step + 1) if evolves else (),
-    on_sample=on_sample_factory(
-      "student", sampling.make_sampler(student.model, schedule, config.sampling, mesh, image_shape)
-    ),
+    on_sample=job.on_sample("student", sampler),
   )
-  state = run_stage(
-    stage, state=student.state, config=config, dataset=dataset, mesh=mesh, writer=writer
-  )
+  state = run_stage(stage, student.state, config, job.dataset, job.mesh, job.writer)
   return student.model, state

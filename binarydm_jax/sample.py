@@ -16,9 +16,9 @@ from absl import app, flags
 from etils import epath
 
 from binarydm_jax import fileio, sampling, workdir
+from binarydm_jax.errors import TeacherError
 from binarydm_jax.export import ExportError
 from binarydm_jax.sampleable import draw, load
-from binarydm_jax.teacher import TeacherError
 
 _EXPORT = flags.DEFINE_string(
   "export", None, "An export directory (python -m binarydm_jax.export)."

@@ -172,7 +172,7 @@ def generate(
 
 
 def write_shards(
-  make_sampler: Callable[[], tuple[Callable[[Any, jax.Array, int], np.ndarray], Any]],
+  make_sampler: Callable[[], tuple[sampling.Sampler, Any]],
   out_dir: str | os.PathLike,
   manifest: dict[str, Any],
   *,

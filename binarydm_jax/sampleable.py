@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -71,7 +70,7 @@ def settings(
 
 def sampler_on(
   source: Sampleable, sampling_settings: ml_collections.ConfigDict, devices: list
-) -> tuple[Callable[[Any, jax.Array, int], np.ndarray], Any]:
+) -> tuple[sampling.Sampler, Any]:
   """`sampling.make_sampler`'s `sample(params, rng, num)` over `devices`, and the params there."""
   mesh = sharding.make_mesh(
     ml_collections.ConfigDict({"data": len(devices), "fsdp": 1}), devices=devices

@@ -20,6 +20,9 @@ from PIL import Image
 
 from binarydm_jax import diffusion, sharding
 
+# `sampler(params, rng, n) -> n images in [-1, 1]`, as `make_sampler` builds it.
+Sampler = Callable[[Any, jax.Array, int], np.ndarray]
+
 
 def make_sampler(
   model: nn.Module,
@@ -27,7 +30,7 @@ def make_sampler(
   sampling_config: ml_collections.ConfigDict,
   mesh: Mesh,
   image_shape: tuple[int, int, int],
-) -> Callable[[Any, jax.Array, int], np.ndarray]:
+) -> Sampler:
   """Returns `sample(params, rng, num) -> np.ndarray[num, H, W, C]` in [-1, 1], on all hosts.
 
   The batch is sharded over the mesh's data axis; each distinct `num` compiles once.
@@ -62,7 +65,7 @@ def make_sampler(
 
 
 def sample_many(
-  sampler: Callable[[Any, jax.Array, int], np.ndarray],
+  sampler: Sampler,
   params: Any,
   rng: jax.Array,
   num: int,
@@ -112,3 +115,20 @@ def save_png(grid: np.ndarray, path: str | os.PathLike) -> None:
     image, format=Image.registered_extensions().get(path.suffix.lower(), "PNG")
   )
   path.write_bytes(image.getvalue())
+
+
+def grid_callbacks(config: ml_collections.ConfigDict, workdir: str, writer) -> Callable:
+  """`make(name, sampler)` -> a training stage's callback saving EMA sample grids as
+  WORKDIR/samples/<name>_<step>.png and TensorBoard images (the same noise every time, so grids
+  compare)."""
+
+  def make(name: str, sampler: Sampler) -> Callable[[Any, int], None]:
+    def on_sample(state: Any, step: int) -> None:
+      grid = image_grid(sampler(state.ema_params, jax.random.PRNGKey(0), config.sampling.grid_size))
+      if jax.process_index() == 0:
+        save_png(grid, epath.Path(workdir) / "samples" / f"{name}_{step:07d}.png")
+      writer.write_images(step, {f"{name}/samples": grid[None]})
+
+    return on_sample
+
+  return make

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from binarydm_jax.config_validation import ConfigError
+from binarydm_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"

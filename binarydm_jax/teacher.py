@@ -22,7 +22,8 @@ import ml_collections
 from etils import epath
 
 from binarydm_jax import fileio
-from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.errors import TeacherError
+from binarydm_jax.models.unet import config_param_shapes
 from binarydm_jax.quant import param_labels
 
 CIFAR10_HUB_ID = "google/ddpm-cifar10-32"
@@ -52,19 +53,6 @@ _OPTIONAL_DEFAULTS = {
   "downsample_padding": "asymmetric",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class TeacherError(Exception):
-  """A teacher source that cannot be found, read or converted; the message says what to do."""
-
-
-def abstract_params(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The shapes and dtypes of the full-precision UNet's params for `model_config` (no compute)."""
-  model = unet_from_config(model_config)
-  size = model_config.image_size
-  x = jax.ShapeDtypeStruct((1, size, size, model_config.channels), jnp.float32)
-  t = jax.ShapeDtypeStruct((1,), jnp.int32)
-  return jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), x, t)["params"]
 
 
 def save_teacher(
@@ -126,7 +114,7 @@ def _load_orbax(path: epath.Path) -> tuple[ml_collections.ConfigDict, Any]:
         raise TeacherError(f"orbax checkpoint {path}: its config has no `model` section")
       model_config = ml_collections.ConfigDict(config["model"])
       model_config.image_size = config.get("data", {}).get("image_size")
-    target = abstract_params(model_config)
+    target = config_param_shapes(model_config)
     try:
       if (path / "params").is_dir():
         args = ocp.args.Composite(params=ocp.args.StandardRestore(target))

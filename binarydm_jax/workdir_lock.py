@@ -33,10 +33,30 @@ class BadWorkdirError(Exception):
   """The workdir cannot be used: not a directory, or another job holds its lock."""
 
 
+# What a remote workdir that cannot be read usually needs (no credentials, no bucket, no network).
+REMOTE_ACCESS_FIX = (
+  "give this machine access: `gcloud auth application-default login`, or set "
+  "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (on a Cloud TPU / GCE VM: a "
+  "service account with Storage Object Admin on the bucket); check that the bucket exists and "
+  "that the machine reaches storage.googleapis.com"
+)
+
+
 def check(workdir: str) -> None:
-  """Raises `BadWorkdirError` if `workdir` exists but is not a directory."""
+  """Raises `BadWorkdirError` if `workdir` exists but is not a directory, or is a remote path
+  (`gs://...`) that cannot be read (the first access, so a missing login fails here in one line).
+  """
   path = epath.Path(workdir)
-  if path.exists() and not path.is_dir():
+  try:
+    exists = path.exists()
+  except Exception as e:  # noqa: BLE001 (the backends raise their own types: tf OpError, fsspec)
+    if not fileio.is_remote(workdir):
+      raise
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise BadWorkdirError(
+      f"--workdir={workdir} cannot be read ({type(e).__name__}: {reason}); {REMOTE_ACCESS_FIX}"
+    ) from None
+  if exists and not path.is_dir():
     raise BadWorkdirError(
       f"--workdir={workdir} is an existing file, not a directory; pass a directory "
       "(it is created if missing), e.g. --workdir=workdirs/digits"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from binarydm_jax import evaluate, train
+from binarydm_jax import evaluate, pipeline
 from binarydm_jax.evaluation import inception
 from binarydm_jax.sample_shards import shard_path
 from configs import cifar
@@ -54,7 +54,7 @@ def test_the_job_scores_inception_metrics_and_resumes_its_shards(
   monkeypatch.setattr(evaluate, "SHARD_SIZE", NUM // 2)
   config = tiny_cifar_config(tmp_path, weights_dir)
   workdir = tmp_path / "work"
-  results = train.train_and_evaluate(config, str(workdir))
+  results = pipeline.run(config, str(workdir))
   scores = json.loads((workdir / "eval.json").read_text())["teacher"]
   assert scores == json.loads(json.dumps(results["teacher"]))
   metrics = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "kid_std")
@@ -75,7 +75,7 @@ def test_the_job_scores_inception_metrics_and_resumes_its_shards(
 
   # A preempted evaluation: one shard lost. The rerun draws only it and scores the same samples.
   shard_path(generation["dir"], 1).unlink()
-  again = train.train_and_evaluate(config, str(workdir))["teacher"]
+  again = pipeline.run(config, str(workdir))["teacher"]
   assert again["generation"]["drawn"] == 1
   assert {k: again[k] for k in metrics} == {k: scores[k] for k in metrics}
 
@@ -83,7 +83,7 @@ def test_the_job_scores_inception_metrics_and_resumes_its_shards(
 def test_missing_weights_stop_the_job_before_any_work(tmp_path):
   config = tiny_cifar_config(tmp_path, tmp_path / "absent")
   with pytest.raises(inception.InceptionError) as excinfo:
-    train.train_and_evaluate(config, str(tmp_path / "work"))
+    pipeline.run(config, str(tmp_path / "work"))
   message = one_line(excinfo)
   assert inception.WEIGHTS_URL in message and f"--out={tmp_path / 'absent'}" in message
   assert not (tmp_path / "work").exists()  # Checked before the workdir, data or training.

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from binarydm_jax import checkpointing, diffusion, qat, workdir
+from binarydm_jax.errors import TeacherError
 from binarydm_jax.export import (
   ExportError,
   export_student,
@@ -28,7 +29,7 @@ from binarydm_jax.export import (
 from binarydm_jax.models.unet import count_params, param_shapes, unet_from_config
 from binarydm_jax.quant.params import scale_index
 from binarydm_jax.quant.weight_binarizer import int_quantize_kernel
-from binarydm_jax.teacher import TeacherError, load_teacher
+from binarydm_jax.teacher import load_teacher
 from binarydm_jax.train_state import create_train_state
 from configs import digits
 

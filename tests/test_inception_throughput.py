@@ -10,15 +10,8 @@ from tests.test_export import run_module
 @pytest.mark.slow
 def test_inception_throughput_writes_every_field(tmp_path):
   out = tmp_path / "result.json"
-  result = run_module(
-    "benchmarks.inception_throughput",
-    "--batch=8",
-    "--repeats=2",
-    "--generate_and_score=8",
-    "--steps=1",
-    "--sample_batch=8",
-    f"--json={out}",
-  )
+  args = ["--batch=8", "--repeats=2", "--generate_and_score=8", "--steps=1", "--sample_batch=8"]
+  result = run_module("benchmarks.inception_throughput", *args, f"--json={out}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert (
     "| flax |" in result.stdout and "| total at DDIM 100 (generation scaled) |" in result.stdout

@@ -12,6 +12,7 @@ from clu import metric_writers
 
 from binarydm_jax import checkpointing, diffusion, qat, qat_optim, sharding
 from binarydm_jax.input_pipeline import load_dataset
+from binarydm_jax.job import Job
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import param_labels, with_policy
 from binarydm_jax.train_state import ema_decay_at
@@ -42,6 +43,13 @@ def random_teacher(config, mesh_config=None):
     jax.random.PRNGKey(0), jnp.zeros((1, *dataset.train.shape[1:])), jnp.zeros((1,), jnp.int32)
   )["params"]
   return mesh, dataset, teacher, teacher_params, diffusion.schedule_from_config(config.diffusion)
+
+
+def random_teacher_job(config, workdir, on_sample):
+  """A `Job` in `workdir` around `random_teacher`, writing no summaries, and the teacher params."""
+  mesh, dataset, teacher, teacher_params, schedule = random_teacher(config)
+  writer = metric_writers.MultiWriter([])  # No summaries: the tests read checkpoints.
+  return Job(config, workdir, mesh, dataset, teacher, schedule, writer, on_sample), teacher_params
 
 
 def setup(config, mesh_config=None):
@@ -265,18 +273,10 @@ def test_step_logs_the_learning_rate():
 
 def _train_student(config, workdir):
   """`qat.train_student` from a random-init teacher, with no sampling; the final QATState."""
-  mesh, dataset, teacher, teacher_params, schedule = random_teacher(config)
-  _, state = qat.train_student(
-    config,
-    str(workdir),
-    mesh,
-    dataset,
-    teacher,
-    teacher_params,
-    schedule,
-    metric_writers.MultiWriter([]),  # No summaries: the tests read checkpoints.
-    lambda name, sampler: lambda state, step: None,
+  job, teacher_params = random_teacher_job(
+    config, str(workdir), lambda name, sampler: lambda state, step: None
   )
+  _, state = qat.train_student(job, teacher_params)
   return jax.device_get(state)
 
 

@@ -19,12 +19,13 @@ import types
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from clu import metric_writers
 from etils import epath
 from etils.epath import backend
 from PIL import Image
 
-from binarydm_jax import checkpointing, efficiency, evaluate, fileio, sampling, train, workdir_lock
+from binarydm_jax import checkpointing, efficiency, evaluate, fileio, sampling, workdir_lock
 from binarydm_jax.evaluation import reference
 from binarydm_jax.export import ExportError, manifest
 from binarydm_jax.models.unet import param_shapes, unet_from_config
@@ -113,7 +114,7 @@ def test_sample_grids_of_training_and_evaluation(workdir):
     return _images(num)
 
   state = types.SimpleNamespace(ema_params=None)
-  train.sample_callbacks(config, path, writer)("teacher", sampler)(state, 7)
+  sampling.grid_callbacks(config, path, writer)("teacher", sampler)(state, 7)
   dataset = types.SimpleNamespace(train=_images(1))
   evaluate.evaluate_sampler("student", sampler, None, config, dataset, path, writer)
   grid = sampling.image_grid(_images(4))[..., 0]
@@ -265,3 +266,29 @@ def test_no_local_file_operations_on_workdir_paths():
         found.append(f"binarydm_jax/{name}:{number}: {code.strip()}")
   assert not found, "use etils.epath / binarydm_jax.fileio on workdir paths:\n" + "\n".join(found)
   assert not unused, f"no local file operations left in {unused}: drop them from LOCAL_ONLY"
+
+
+def test_unreachable_remote_workdir_is_one_line_naming_the_fix(bucket, monkeypatch):
+  """What a gs:// workdir without credentials gives (tf.io.gfile's error, raised by the fake)."""
+
+  def denied(path):
+    raise tf.errors.PermissionDeniedError(None, None, f"401 Anonymous caller\n on {path}")
+
+  monkeypatch.setattr(backend.tf_backend, "exists", denied)
+  with pytest.raises(workdir_lock.BadWorkdirError) as e:
+    with workdir_lock.hold("gs://bucket/run"):
+      pass
+  message = str(e.value)
+  assert "\n" not in message
+  assert "--workdir=gs://bucket/run cannot be read (PermissionDeniedError: 401" in message
+  assert "GOOGLE_APPLICATION_CREDENTIALS" in message and "application-default login" in message
+  assert not (bucket / "bucket").exists()  # Nothing written.
+
+
+def test_unreadable_local_workdir_error_is_not_relabelled(tmp_path, monkeypatch):
+  def broken(self):
+    raise OSError("disk gone")
+
+  monkeypatch.setattr(epath.Path, "exists", broken)
+  with pytest.raises(OSError, match="disk gone"):
+    workdir_lock.check(str(tmp_path / "run"))

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from clu import metric_writers
 
 from binarydm_jax import qat, qat_optim, switch
 from binarydm_jax.config_validation import ConfigError, validate_config
@@ -16,24 +15,17 @@ from binarydm_jax.quant import (
   with_policy,
 )
 from configs import digits
-from tests.test_qat import drop_higher, higher, random_teacher, tiny_config
+from tests.test_qat import drop_higher, higher, random_teacher, random_teacher_job, tiny_config
 
 
 def _train(config, tmp_path):
-  mesh, dataset, teacher, teacher_params, schedule = random_teacher(config)
   sampled, reports = {}, []
-  _, state = qat.train_student(
+  job, teacher_params = random_teacher_job(
     config,
     str(tmp_path),
-    mesh,
-    dataset,
-    teacher,
-    teacher_params,
-    schedule,
-    metric_writers.MultiWriter([]),
     lambda name, sampler: lambda state, step: sampled.__setitem__(step, jax.device_get(state)),
-    on_switch=reports.append,
   )
+  _, state = qat.train_student(job, teacher_params, on_switch=reports.append)
   return sampled, reports, jax.device_get(state)
 
 

@@ -6,7 +6,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from binarydm_jax import teacher
+from binarydm_jax import pipeline, teacher
+from binarydm_jax.models.unet import config_param_shapes
 
 TINY = ml_collections.ConfigDict(
   {
@@ -30,7 +31,7 @@ TINY = ml_collections.ConfigDict(
 def _init(config):
   """Random params of the right tree and shapes (cheaper than compiling `init`)."""
   rng = np.random.default_rng(0)
-  shapes = teacher.abstract_params(config)
+  shapes = config_param_shapes(config)
   return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), shapes)
 
 
@@ -149,21 +150,19 @@ def _job_config(source):
 
 @pytest.mark.slow
 def test_job_starts_from_teacher_source_without_training_one(tmp_path):
-  from binarydm_jax import train
 
   source = teacher.save_teacher(tmp_path / "t", TINY, _init(TINY))
   workdir = tmp_path / "run"
-  results = train.train_and_evaluate(_job_config(source), str(workdir))
+  results = pipeline.run(_job_config(source), str(workdir))
   assert not (workdir / "teacher").exists()  # nothing trained: the given teacher is used
   assert (workdir / "student").exists()
   assert set(results) == {"teacher", "student"} and results["student"]["bits"] == "W1A4"
 
 
 def test_job_refuses_a_teacher_of_another_architecture(tmp_path):
-  from binarydm_jax import train
 
   source = teacher.save_teacher(tmp_path / "t", TINY, _init(TINY))
   config = _job_config(source)
   config.model.ch = 32
   with pytest.raises(teacher.TeacherError, match="ch: config 32 vs teacher 16"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    pipeline.run(config, str(tmp_path / "run"))

@@ -1,6 +1,6 @@
 """The FP training job: sharded step, EMA, resume, checkpoint checks, NaN stop, validation, outputs.
 
-The job tests share one digits-smoke run (`pipeline`) and a persistent XLA compilation cache, so
+The job tests share one digits-smoke run (`finished_job`) and a persistent XLA compilation cache, so
 every program compiles once per session (the first run takes about a minute on 2 CPU cores).
 """
 
@@ -26,7 +26,7 @@ from clu import metric_writers
 from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
-from binarydm_jax import checkpointing, diffusion, loop, optim, sharding, train
+from binarydm_jax import checkpointing, diffusion, loop, optim, pipeline, sharding, train
 from binarydm_jax.config_validation import ConfigError, validate_config
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.models.unet import unet_from_config
@@ -67,10 +67,10 @@ def pipeline_config(tmp_path_factory, **overrides) -> ml_collections.ConfigDict:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def finished_job(tmp_path_factory):
   """One uninterrupted run of the job: (workdir, returned results)."""
   workdir = str(tmp_path_factory.mktemp("pipeline"))
-  results = train.train_and_evaluate(pipeline_config(tmp_path_factory), workdir)
+  results = pipeline.run(pipeline_config(tmp_path_factory), workdir)
   return workdir, results
 
 
@@ -104,8 +104,8 @@ def _read_json(path: str) -> dict:
 # ------------------------------------------------------------------------ the job's outputs
 
 
-def test_outputs(pipeline):
-  workdir, results = pipeline
+def test_outputs(finished_job):
+  workdir, results = finished_job
   evaluation = _read_json(os.path.join(workdir, "eval.json"))
   assert evaluation == json.loads(json.dumps(results))
   teacher = evaluation["teacher"]
@@ -135,45 +135,45 @@ def test_outputs(pipeline):
   assert _scalars(workdir, "teacher/digits_fid")[0][1] == pytest.approx(teacher["fid"], rel=1e-5)
 
 
-def test_rerun_of_a_finished_run_does_not_train(pipeline, tmp_path, tmp_path_factory):
+def test_rerun_of_a_finished_run_does_not_train(finished_job, tmp_path, tmp_path_factory):
   workdir = str(tmp_path / "copy")
-  shutil.copytree(pipeline[0], workdir)
+  shutil.copytree(finished_job[0], workdir)
   stage = os.path.join(workdir, "teacher")
   before = {d: os.stat(os.path.join(stage, d)).st_mtime_ns for d in os.listdir(stage)}
-  results = train.train_and_evaluate(pipeline_config(tmp_path_factory), workdir)
+  results = pipeline.run(pipeline_config(tmp_path_factory), workdir)
   after = {d: os.stat(os.path.join(stage, d)).st_mtime_ns for d in os.listdir(stage)}
   assert after == before  # no new or rewritten checkpoint
   assert int(_restore_state(workdir, NUM_STEPS)["step"]) == NUM_STEPS
   assert [s for s, _ in _scalars(workdir, "teacher/loss")] == [5, 10]  # no new train logs
-  assert results == pipeline[1]
+  assert results == finished_job[1]
   assert _read_json(os.path.join(workdir, "eval.json")) == json.loads(json.dumps(results))
 
 
-def test_resume_reproduces_the_uninterrupted_run(pipeline, tmp_path, tmp_path_factory):
+def test_resume_reproduces_the_uninterrupted_run(finished_job, tmp_path, tmp_path_factory):
   """A run stopped after its step-5 checkpoint and restarted ends exactly like the uninterrupted one.
 
   The stopped run is the uninterrupted run's workdir without anything written after step 5
   (what a run killed between steps 5 and 10 leaves; orbax writes checkpoints atomically).
   """
   workdir = tmp_path / "resumed"
-  shutil.copytree(os.path.join(pipeline[0], "teacher", "5"), workdir / "teacher" / "5")
+  shutil.copytree(os.path.join(finished_job[0], "teacher", "5"), workdir / "teacher" / "5")
   workdir = str(workdir)
-  results = train.train_and_evaluate(pipeline_config(tmp_path_factory), workdir)
+  results = pipeline.run(pipeline_config(tmp_path_factory), workdir)
   assert _checkpoint_steps(workdir) == [5, 10]
 
   resumed, uninterrupted = (
     _restore_state(workdir, NUM_STEPS),
-    _restore_state(pipeline[0], NUM_STEPS),
+    _restore_state(finished_job[0], NUM_STEPS),
   )
   assert jax.tree.structure(resumed) == jax.tree.structure(uninterrupted)
   jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
   # Only steps 6..10 ran, and they logged the same loss; the final EMA params evaluate the same.
   losses = _scalars(workdir, "teacher/loss")
-  assert losses == [_scalars(pipeline[0], "teacher/loss")[-1]]
-  assert results == pipeline[1]
+  assert losses == [_scalars(finished_job[0], "teacher/loss")[-1]]
+  assert results == finished_job[1]
 
 
-def test_checkpoint_of_another_model_is_refused(pipeline, tmp_path_factory):
+def test_checkpoint_of_another_model_is_refused(finished_job, tmp_path_factory):
   """Resuming the job's teacher stage with model.ch=32 fails before anything is restored or run.
 
   (The whole job refusing it is test_job_with_another_model_is_refused, marked slow: building the
@@ -181,21 +181,21 @@ def test_checkpoint_of_another_model_is_refused(pipeline, tmp_path_factory):
   """
   config = pipeline_config(tmp_path_factory, **{"model.ch": 32})
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1}))
-  stage = _toy_stage(os.path.join(pipeline[0], "teacher"), NUM_STEPS + 5, None)
+  stage = _toy_stage(os.path.join(finished_job[0], "teacher"), NUM_STEPS + 5, None)
   with pytest.raises(
     checkpointing.CheckpointMismatchError, match=r"model\.ch: checkpoint 16 vs config 32"
   ):
     loop.run_stage(stage, None, config, None, mesh, _Recorder())
-  assert _checkpoint_steps(pipeline[0]) == [5, 10]
+  assert _checkpoint_steps(finished_job[0]) == [5, 10]
 
 
 @pytest.mark.slow
-def test_job_with_another_model_is_refused(pipeline, tmp_path, tmp_path_factory):
+def test_job_with_another_model_is_refused(finished_job, tmp_path, tmp_path_factory):
   workdir = str(tmp_path / "copy")
-  shutil.copytree(pipeline[0], workdir)
+  shutil.copytree(finished_job[0], workdir)
   config = pipeline_config(tmp_path_factory, **{"model.ch": 32})
   with pytest.raises(checkpointing.CheckpointMismatchError, match=r"model\.ch: checkpoint 16"):
-    train.train_and_evaluate(config, workdir)
+    pipeline.run(config, workdir)
   assert _checkpoint_steps(workdir) == [5, 10]
 
 
@@ -213,13 +213,13 @@ class _NaNFrom:
 
 def test_nan_loss_stops_before_saving(tmp_path, tmp_path_factory, monkeypatch):
   nan_step = 2  # the 3rd step; its loss is summarised at step 4 (checkpoint_every = 2)
-  monkeypatch.setattr(train, "load_dataset", lambda cfg: _NaNFrom(load_dataset(cfg), nan_step))
+  monkeypatch.setattr(pipeline, "load_dataset", lambda cfg: _NaNFrom(load_dataset(cfg), nan_step))
   config = pipeline_config(tmp_path_factory, **{"training.checkpoint_every": 2})
   workdir = str(tmp_path)
   with pytest.raises(
     loop.NonFiniteLossError, match="loss is nan at step 4.*last checkpoint: step 2"
   ):
-    train.train_and_evaluate(config, workdir)
+    pipeline.run(config, workdir)
   # The checkpoint before the NaN is complete (its async save was committed), none after it,
   # not even a partial (orbax temporary) one; the project's restore resumes from it.
   assert os.listdir(os.path.join(workdir, "teacher")) == ["2"]
@@ -542,5 +542,5 @@ def test_mesh_errors_are_config_errors(key, value, match, tmp_path):
   section, field = key.split(".")
   config[section][field] = value
   with pytest.raises(ConfigError, match=match):
-    train.train_and_evaluate(config, str(tmp_path))
+    pipeline.run(config, str(tmp_path))
   assert os.listdir(tmp_path) == []

@@ -3,7 +3,7 @@
 from absl import app, flags
 
 from binarydm_jax.convert import cli
-from binarydm_jax.teacher import TeacherError
+from binarydm_jax.errors import TeacherError
 
 _SOURCE = flags.DEFINE_string(
   "source",

@@ -26,7 +26,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from binarydm_jax.teacher import TeacherError, abstract_params
+from binarydm_jax.errors import TeacherError
+from binarydm_jax.models.unet import config_param_shapes
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -333,7 +334,7 @@ def convert_state_dict(
   """
   remaining = _rename_deprecated_attention(dict(state_dict))
   table = _module_table(model_config)
-  target = abstract_params(model_config)
+  target = config_param_shapes(model_config)
   missing, mismatched, unmapped = [], [], []
 
   def convert(path, spec):

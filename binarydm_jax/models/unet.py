@@ -236,6 +236,12 @@ def param_shapes(model: nn.Module, image_shape: Sequence[int]) -> dict[str, Any]
   return jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), x, t)["params"]
 
 
+def config_param_shapes(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`param_shapes` of the full-precision UNet that `model_config` builds, at its image size."""
+  size = model_config.image_size
+  return param_shapes(unet_from_config(model_config), (size, size, model_config.channels))
+
+
 def count_params(params: Any) -> int:
   """Total number of scalars in a param tree."""
   return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,121 @@
+"""The job, one stage per call: teacher -> its evaluation -> student -> its evaluation -> export.
+
+`run(config, workdir)` is what `python -m binarydm_jax.main` does. Each stage resumes from its
+own checkpoints (training) or sample shards (evaluation), so a preempted job rerun with the same
+workdir picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from clu import metric_writers
+from etils import epath
+
+from binarydm_jax import diffusion, efficiency, evaluate, export, qat, sampling, sharding, train
+from binarydm_jax.config_validation import validate_config
+from binarydm_jax.input_pipeline import load_dataset
+from binarydm_jax.job import Job
+from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.teacher import assert_same_architecture, load_teacher
+
+
+def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
+  """Checks the config and what the evaluation needs, then builds the mesh, data, UNet and writer.
+
+  Everything that can fail on bad input fails here, before any training.
+  """
+  validate_config(config)
+  evaluate.check_ready(config)  # E.g. the Inception weights, before hours of training.
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh)
+  for key in ("training.batch_size", "qat.batch_size", "eval.batch_size", "sampling.grid_size"):
+    section, field = key.split(".")
+    sharding.check_batch_divisible(config[section][field], mesh, f"config.{key}")
+  logging.info("Mesh: %s over %d process(es)", dict(mesh.shape), jax.process_count())
+  dataset = load_dataset(config.data)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() == 0 and not (epath.Path(workdir) / "teacher").exists():
+    writer.write_hparams(_flat_hparams(config))
+  return Job(
+    config=config,
+    workdir=workdir,
+    mesh=mesh,
+    dataset=dataset,
+    model=unet_from_config(config.model),
+    schedule=diffusion.schedule_from_config(config.diffusion),
+    writer=writer,
+    on_sample=sampling.grid_callbacks(config, workdir, writer),
+  )
+
+
+def teacher_stage(job: Job) -> Any:
+  """The FP teacher's params on the mesh: loaded from `teacher.source`, else trained here."""
+  if not job.config.teacher.source:
+    return train.train_teacher(job)
+  teacher_config, params = load_teacher(job.config.teacher.source)
+  assert_same_architecture(job.config.model, teacher_config, job.config.data.image_size)
+  return jax.device_put(params, sharding.tree_shardings(params, job.mesh))
+
+
+def export_stage(job: Job, student_state: Any) -> None:
+  """Writes WORKDIR/efficiency.json and WORKDIR/export, the bit-packed student (EMA params).
+
+  With several processes the params may be split over hosts; export from the checkpoint on one
+  host instead (`python -m binarydm_jax.export --workdir=WORKDIR`).
+  """
+  if jax.process_index() == 0:  # What the 1-bit student saves, from the model's own shapes.
+    efficiency.write_json(job.config, epath.Path(job.workdir) / "efficiency.json")
+  if jax.process_count() > 1:
+    logging.info("Several processes: run `python -m binarydm_jax.export --workdir=%s`", job.workdir)
+    return
+  manifest = export.export_student(
+    (job.config, jax.device_get(student_state.ema_params)),
+    epath.Path(job.workdir) / "export",
+    job.config.export.fp_dtype,
+    job.config.export.quant_dtype,
+    step=int(jax.device_get(student_state.step)),
+  )
+  logging.info(
+    "1-bit export: %d bytes, %.1fx smaller than FP32",
+    manifest["export_bytes"],
+    manifest["size_saving"],
+  )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the whole job in `workdir` and returns the contents of WORKDIR/eval.json.
+
+  Raises:
+    Preempted: SIGTERM during a training stage, which saved a checkpoint at its current step;
+      nothing after the stage ran. Calling again resumes.
+  """
+  job = setup_job(config, workdir)
+  teacher_params = teacher_stage(job)
+  teacher_id = config.teacher.source or f"step {config.training.num_steps}"
+  results = {
+    "teacher": evaluate.evaluate_model(job, "teacher", teacher_params, job.model, teacher_id)
+  }
+  evaluate.write_results(results, workdir)
+  if config.qat.method != "fp":
+    student, student_state = qat.train_student(job, teacher_params)
+    student_id = f"step {config.qat.num_steps}"
+    scores = evaluate.evaluate_model(job, "student", student_state.ema_params, student, student_id)
+    results["student"] = scores | qat.describe_student(config)
+    evaluate.write_results(results, workdir)
+    export_stage(job, student_state)
+  job.writer.flush()
+  return results
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`section.key -> value` with non-scalar values as strings, for TensorBoard's hparams."""
+  flat = {}
+  for section, values in config.to_dict().items():
+    for key, value in values.items():
+      scalar = isinstance(value, bool | int | float | str)
+      flat[f"{section}.{key}"] = value if scalar else str(value)
+  return flat

@@ -1,0 +1,52 @@
+"""The package's module graph: no import cycles, lazy (in-function) imports included.
+
+A cycle such as the one `teacher.py` <-> `convert/diffusers_unet.py` had hides a layering error
+and breaks as soon as either import moves to the top of its file.
+"""
+
+import ast
+import pathlib
+
+import networkx as nx
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "binarydm_jax"
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(tree: ast.AST, modules: set[str]) -> set[str]:
+  """The package modules a file imports anywhere in it (`from binarydm_jax import x` names x)."""
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      found |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      found.add(node.module)
+      found |= {f"{node.module}.{alias.name}" for alias in node.names}
+  return found & modules
+
+
+def import_graph() -> nx.DiGraph:
+  files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+  graph = nx.DiGraph()
+  for name, path in files.items():
+    graph.add_node(name)
+    for target in _imported(ast.parse(path.read_text()), set(files)):
+      # A package's __init__ re-exporting its own modules is not a cycle of layers.
+      if target != name and not target.startswith(name + "."):
+        graph.add_edge(name, target)
+  return graph
+
+
+def test_the_graph_sees_the_known_edges():
+  graph = import_graph()
+  assert graph.has_edge("binarydm_jax.pipeline", "binarydm_jax.qat")
+  assert graph.has_edge("binarydm_jax.teacher", "binarydm_jax.convert.diffusers_unet")  # Lazy.
+
+
+def test_no_import_cycles():
+  cycles = list(nx.simple_cycles(import_graph()))
+  assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in cycles[:5])

@@ -408,6 +408,7 @@ def run_module(module, *args):
   )
 
 
+@pytest.mark.slow  # 11 s: a subprocess compiling the sampler again.
 def test_sample_cli_writes_a_grid_and_an_npz(student, tmp_path):
   out = student[3]
   result = run_module(

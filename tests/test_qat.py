@@ -141,6 +141,7 @@ def test_binarydm_evolves_to_a_pure_single_basis_model():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(out_k1))
 
 
+@pytest.mark.slow  # 27 s; test_decoupled_transform_alone_respects_the_envelope is the fast check.
 def test_decoupled_form_reaches_the_target_ratio_by_the_switch():
   config = tiny_config(ebb_form="decoupled", switch_step=3, num_steps=4)
   state, run, *_ = setup(config)
@@ -220,7 +221,8 @@ def test_describe_student_names_the_bit_width():
   assert qat.describe_student(config)["bits"] == "W32A32"
 
 
-@pytest.mark.parametrize("restart", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 25 s each; test_switch checks the restart in the default suite.
+@pytest.mark.parametrize("restart", [True, False])
 def test_ema_restarts_from_the_single_basis_params_at_the_switch(restart):
   config = tiny_config(ebb_form="paper", switch_step=3, num_steps=5, ema_decay=0.9)
   config.qat.ema_restart_at_switch = restart

@@ -289,6 +289,6 @@ def test_unreadable_local_workdir_error_is_not_relabelled(tmp_path, monkeypatch)
   def broken(self):
     raise OSError("disk gone")
 
-  monkeypatch.setattr(epath.Path, "exists", broken)
+  monkeypatch.setattr(type(epath.Path(tmp_path)), "exists", broken)
   with pytest.raises(OSError, match="disk gone"):
     workdir_lock.check(str(tmp_path / "run"))

@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_collections
 
+from binarydm_jax.diffusion import BETA_SCHEDULES
 from binarydm_jax.errors import ConfigError
 from binarydm_jax.export import FP_DTYPES
 from binarydm_jax.qat_optim import (
@@ -92,7 +93,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.model.num_head_channels={heads}: must divide the channels of every attention "
         f"layer (model.ch * ch_mult = {config.model.ch * mult})"
       )
-  _check(config, "diffusion.beta_schedule", *_one_of(("linear",)))
+  _check(config, "diffusion.beta_schedule", *_one_of(BETA_SCHEDULES))
   _check(config, "diffusion.num_timesteps", _positive_int, "a positive int")
   _check(
     config,

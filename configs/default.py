@@ -41,7 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # Compute dtype ('bfloat16' on TPU/GPU); params are always float32.
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
-  diffusion.beta_schedule = "linear"  # Noise schedule (DDPM linear).
+  # 'linear' (DDPM) or 'scaled_linear' (LDM: linear in sqrt(beta), beta_start 0.0015).
+  diffusion.beta_schedule = "linear"
   diffusion.beta_start = 1e-4  # beta_1.
   diffusion.beta_end = 0.02  # beta_T.
   diffusion.num_timesteps = 1000  # T.

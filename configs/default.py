@@ -14,13 +14,15 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.data = data = ml_collections.ConfigDict()
-  data.name = "cifar10"  # 'cifar10' (tensorflow-datasets) or 'digits' (scikit-learn, offline).
+  # 'cifar10' (tensorflow-datasets), 'digits' (scikit-learn, offline) or 'folder' (every PNG/JPEG
+  # under data.data_dir, center-cropped; model.channels 1 = grayscale, 3 = RGB).
+  data.name = "cifar10"
   data.image_size = 32  # Training resolution (images are resized to it if needed).
   data.data_dir = config_dict.placeholder(
     str
-  )  # tfds data dir; None = tfds default (~/tensorflow_datasets).
+  )  # tfds data dir (None = ~/tensorflow_datasets); data.name='folder': the image directory.
   data.random_flip = True  # Random horizontal flips (DDPM uses them on CIFAR-10).
-  data.heldout_fraction = 0.2  # digits only: fraction held out as the evaluation reference.
+  data.heldout_fraction = 0.2  # digits and folder: fraction held out as the evaluation reference.
   data.seed = 0  # Seed of the data order; the batch of step s depends only on (seed, s).
 
   config.model = model = ml_collections.ConfigDict()

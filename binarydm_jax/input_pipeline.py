@@ -1,11 +1,11 @@
 """Training images in host memory, with a step-addressed, restart-exact batch order.
 
-The datasets are held whole on every host (CIFAR-10 train is 50,000 x 32 x 32 x 3
-bytes), so there is no streaming pipeline: `load_dataset`
-returns an `ImageDataset` and `ImageDataset.batch(step, ...)` computes the
-batch for a step purely from `(seed, step)`. A run restarted from a checkpoint
-at step `s` therefore sees exactly the batches an uninterrupted run would have,
-and every process cuts its own rows out of the same global batch.
+Every dataset is held whole on every host (CIFAR-10 train is 50,000 x 32 x 32 x 3
+bytes), so there is no streaming pipeline: `load_dataset` returns an `ImageDataset`
+and `ImageDataset.batch(step, ...)` computes the batch for a step purely from
+`(seed, step)`. A run restarted from a checkpoint at step `s` therefore sees exactly
+the batches an uninterrupted run would have, and every process cuts its own rows out
+of the same global batch.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def _load_folder(
   if len(images) < 2:
     raise DatasetError(
       f"image folder {directory!r} holds only {names[0]!r}: a train and a held-out split need "
-      "at least 2 images"
+      "at least 2 images; add more"
     )
   train, heldout = _split(len(images), heldout_fraction)
   return (

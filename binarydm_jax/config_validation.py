@@ -7,8 +7,11 @@ from typing import Any
 
 import ml_collections
 
+from binarydm_jax.diffusion import BETA_SCHEDULES
 from binarydm_jax.errors import ConfigError
 from binarydm_jax.export import FP_DTYPES
+from binarydm_jax.image_folder import MODES
+from binarydm_jax.input_pipeline import DATASET_NAMES
 from binarydm_jax.qat_optim import (
   EBB_REDUCTIONS,
   LR_SCHEDULES,
@@ -53,7 +56,20 @@ def _positive_ints(v: Any) -> bool:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for the first invalid field of `config`."""
-  _check(config, "data.name", *_one_of(("digits", "cifar10")))
+  _check(config, "data.name", *_one_of(DATASET_NAMES))
+  if config.data.name == "folder":
+    _check(
+      config,
+      "data.data_dir",
+      lambda v: isinstance(v, str) and bool(v),
+      "a directory of PNG/JPEG files with data.name='folder'",
+    )
+    _check(
+      config,
+      "model.channels",
+      lambda v: v in MODES,
+      "1 (grayscale) or 3 (RGB) with data.name='folder'",
+    )
   _check(config, "data.image_size", _positive_int, "a positive int")
   _check(config, "data.heldout_fraction", lambda v: 0.0 < v < 1.0, "a fraction in (0, 1)")
   _check(config, "model.ch", _positive_int, "a positive int")
@@ -92,7 +108,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.model.num_head_channels={heads}: must divide the channels of every attention "
         f"layer (model.ch * ch_mult = {config.model.ch * mult})"
       )
-  _check(config, "diffusion.beta_schedule", *_one_of(("linear",)))
+  _check(config, "diffusion.beta_schedule", *_one_of(BETA_SCHEDULES))
   _check(config, "diffusion.num_timesteps", _positive_int, "a positive int")
   _check(
     config,

@@ -1,4 +1,4 @@
-"""Gaussian diffusion (Ho et al. 2020): noise schedule, forward noising, eps loss, DDPM and DDIM sampling.
+"""Gaussian diffusion (Ho et al. 2020): noise schedules, forward noising, eps loss, DDPM and DDIM sampling.
 
 All functions are pure and jit-able. A model enters as `eps_fn(x_t, t) -> eps` with integer timesteps.
 """
@@ -29,24 +29,43 @@ class Schedule:
     return self.betas.shape[0]
 
 
-def linear_schedule(
-  beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000
-) -> Schedule:
-  """DDPM's linear beta schedule, computed in float64 and stored as float32."""
-  betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+def _schedule(betas: np.ndarray) -> Schedule:
+  """The schedule of float64 `betas`, its cumulative product taken in float64, both stored float32."""
   return Schedule(
     betas=jnp.asarray(betas, jnp.float32),
     alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas), jnp.float32),
   )
 
 
+def linear_schedule(
+  beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000
+) -> Schedule:
+  """DDPM's linear beta schedule, computed in float64 and stored as float32."""
+  return _schedule(np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64))
+
+
+def scaled_linear_schedule(
+  beta_start: float = 0.0015, beta_end: float = 0.0195, num_timesteps: int = 1000
+) -> Schedule:
+  """The latent-diffusion schedule, linear in sqrt(beta): linspace(sqrt(start), sqrt(end), T)^2.
+
+  diffusers calls it 'scaled_linear', CompVis' latent-diffusion 'linear'. The paper's LDMs use
+  beta_start 0.0015 and beta_end 0.0195 (LSUN-Bedrooms, FFHQ) or 0.0155 (LSUN-Churches).
+  """
+  sqrt_betas = np.linspace(np.sqrt(beta_start), np.sqrt(beta_end), num_timesteps, dtype=np.float64)
+  return _schedule(np.square(sqrt_betas))
+
+
+_SCHEDULES = {"linear": linear_schedule, "scaled_linear": scaled_linear_schedule}
+BETA_SCHEDULES = tuple(_SCHEDULES)
+
+
 def schedule_from_config(diffusion_config: ml_collections.ConfigDict) -> Schedule:
-  """Builds the schedule of the `config.diffusion` section."""
-  if diffusion_config.beta_schedule != "linear":
-    raise ValueError(
-      f"config.diffusion.beta_schedule={diffusion_config.beta_schedule!r}: only 'linear' is supported"
-    )
-  return linear_schedule(
+  """Builds the schedule of the `config.diffusion` section (`beta_schedule` one of BETA_SCHEDULES)."""
+  name = diffusion_config.beta_schedule
+  if name not in _SCHEDULES:
+    raise ValueError(f"config.diffusion.beta_schedule={name!r}: expected one of {BETA_SCHEDULES}")
+  return _SCHEDULES[name](
     diffusion_config.beta_start, diffusion_config.beta_end, diffusion_config.num_timesteps
   )
 

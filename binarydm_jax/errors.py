@@ -7,3 +7,7 @@ class TeacherError(Exception):
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key, the value and what is expected."""
+
+
+class DatasetError(Exception):
+  """Training images that cannot be found or read; the message says what to do."""

@@ -1,11 +1,11 @@
 """Training images in host memory, with a step-addressed, restart-exact batch order.
 
-Both datasets are small enough to hold whole on every host (CIFAR-10 train is
-50,000 x 32 x 32 x 3 bytes), so there is no streaming pipeline: `load_dataset`
-returns an `ImageDataset` and `ImageDataset.batch(step, ...)` computes the
-batch for a step purely from `(seed, step)`. A run restarted from a checkpoint
-at step `s` therefore sees exactly the batches an uninterrupted run would have,
-and every process cuts its own rows out of the same global batch.
+Every dataset is held whole on every host (CIFAR-10 train is 50,000 x 32 x 32 x 3
+bytes), so there is no streaming pipeline: `load_dataset` returns an `ImageDataset`
+and `ImageDataset.batch(step, ...)` computes the batch for a step purely from
+`(seed, step)`. A run restarted from a checkpoint at step `s` therefore sees exactly
+the batches an uninterrupted run would have, and every process cuts its own rows out
+of the same global batch.
 """
 
 from __future__ import annotations
@@ -19,21 +19,24 @@ import sklearn.datasets
 import tensorflow_datasets as tfds
 from absl import logging
 
-DATASET_NAMES = ("digits", "cifar10")
+from binarydm_jax.errors import DatasetError
+from binarydm_jax.image_folder import read_image_folder
 
-# Seeds the digits train/held-out permutation. Deliberately not the training
-# seed, so the held-out images are the same for every run.
-_DIGITS_SPLIT_SEED = 20250125
+DATASET_NAMES = ("digits", "cifar10", "folder")
+
+# Seeds the train/held-out permutation of digits and image folders. Deliberately
+# not the training seed, so the held-out images are the same for every run.
+_SPLIT_SEED = 20250125
 # Third entropy word of the flip rng, so flips never reuse the order's stream.
 _FLIP_STREAM = 0xF11B
 # Rows converted from tf.data to numpy at a time while loading CIFAR-10.
 _TFDS_CHUNK = 10_000
 
-# (train images, train labels, held-out images, held-out labels).
-_Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+# (train images, train labels, held-out images, held-out labels); labels may be None.
+_Splits = tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]
 
 
-class DatasetNotFoundError(Exception):
+class DatasetNotFoundError(DatasetError):
   """A dataset is not prepared locally and must be downloaded elsewhere."""
 
 
@@ -122,13 +125,16 @@ class ImageDataset:
     return indices
 
 
-def load_dataset(data_config: ml_collections.ConfigDict) -> ImageDataset:
+def load_dataset(data_config: ml_collections.ConfigDict, channels: int = 3) -> ImageDataset:
   """Loads a dataset named by `data_config.name` into host memory.
 
   Args:
-    data_config: Fields `name` ('digits' or 'cifar10'), `image_size`,
-      `seed`, `random_flip`, and optionally `data_dir` (tfds data dir) and
-      `heldout_fraction` (digits only, default 0.2).
+    data_config: Fields `name` ('digits', 'cifar10' or 'folder'), `image_size`,
+      `seed`, `random_flip`, and optionally `data_dir` (tfds data dir; for
+      'folder' the image directory) and `heldout_fraction` (digits and folder,
+      default 0.2).
+    channels: Channels of the 'folder' images: 1 (grayscale) or 3 (RGB). Digits
+      are always 1 channel and CIFAR-10 3.
 
   Returns:
     The dataset, images resized to `image_size` and scaled to [-1, 1].
@@ -136,11 +142,15 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> ImageDataset:
   Raises:
     ValueError: If the name is unknown.
     DatasetNotFoundError: If CIFAR-10 is not prepared in `data_dir`.
+    DatasetError: If the image folder is missing, empty or has an unreadable file.
   """
   name = data_config.name
   image_size = data_config.image_size
+  heldout_fraction = data_config.get("heldout_fraction", 0.2)
   if name == "digits":
-    splits = _load_digits(image_size, data_config.get("heldout_fraction", 0.2))
+    splits = _load_digits(image_size, heldout_fraction)
+  elif name == "folder":
+    splits = _load_folder(data_config.get("data_dir", None), image_size, channels, heldout_fraction)
   elif name == "cifar10":
     splits = _load_cifar10(image_size, data_config.get("data_dir", None))
   else:
@@ -176,17 +186,49 @@ def _to_model_range(images: np.ndarray, max_value: float, image_size: int) -> np
   return np.clip(scaled, -1.0, 1.0, out=scaled)
 
 
-def _load_digits(image_size: int, heldout_fraction: float) -> _Splits:
-  """The 1,797 scikit-learn 8x8 digits, split by a fixed permutation."""
+def _split(num_images: int, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) indices: a permutation fixed by `_SPLIT_SEED`, its first part held out.
+
+  round(heldout_fraction * num_images) images are held out, at least one and at
+  most num_images - 1.
+  """
   if not 0.0 < heldout_fraction < 1.0:
     raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}.")
+  order = np.random.default_rng(_SPLIT_SEED).permutation(num_images)
+  num_heldout = min(max(int(round(heldout_fraction * num_images)), 1), num_images - 1)
+  return order[num_heldout:], order[:num_heldout]
+
+
+def _load_digits(image_size: int, heldout_fraction: float) -> _Splits:
+  """The 1,797 scikit-learn 8x8 digits, split by a fixed permutation."""
   digits = sklearn.datasets.load_digits()
   images = _to_model_range(digits.images[..., None], 16.0, image_size)
   labels = digits.target.astype(np.int32)
-  order = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(images))
-  num_heldout = int(round(heldout_fraction * len(images)))
-  heldout, train = order[:num_heldout], order[num_heldout:]
+  train, heldout = _split(len(images), heldout_fraction)
   return images[train], labels[train], images[heldout], labels[heldout]
+
+
+def _load_folder(
+  directory: str | None, image_size: int, channels: int, heldout_fraction: float
+) -> _Splits:
+  """Every PNG/JPEG under `directory`, square-cropped; held out as digits are, over sorted paths."""
+  if not directory:
+    raise DatasetError(
+      "data.name='folder' needs a directory of PNG/JPEG files: pass --config.data.data_dir=DIR"
+    )
+  images, names = read_image_folder(directory, image_size, channels)
+  if len(images) < 2:
+    raise DatasetError(
+      f"image folder {directory!r} holds only {names[0]!r}: a train and a held-out split need "
+      "at least 2 images; add more"
+    )
+  train, heldout = _split(len(images), heldout_fraction)
+  return (
+    _to_model_range(images[train], 255.0, image_size),
+    None,
+    _to_model_range(images[heldout], 255.0, image_size),
+    None,
+  )
 
 
 def _load_cifar10(image_size: int, data_dir: str | None) -> _Splits:

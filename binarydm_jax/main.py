@@ -49,10 +49,9 @@ def main(argv: list[str]) -> None:
 
   from binarydm_jax import distributed, pipeline, workdir_lock
   from binarydm_jax.checkpointing import CheckpointDamagedError, CheckpointMismatchError
-  from binarydm_jax.errors import ConfigError, TeacherError
+  from binarydm_jax.errors import ConfigError, DatasetError, TeacherError
   from binarydm_jax.evaluation.inception import InceptionError
   from binarydm_jax.evaluation.reference import ReferenceStatsError
-  from binarydm_jax.input_pipeline import DatasetNotFoundError
   from binarydm_jax.loop import NonFiniteLossError
   from binarydm_jax.preemption import Preempted
 
@@ -71,7 +70,7 @@ def main(argv: list[str]) -> None:
     logging.warning("%s", e)
   except (
     ConfigError,
-    DatasetNotFoundError,
+    DatasetError,
     CheckpointMismatchError,
     CheckpointDamagedError,
     NonFiniteLossError,

@@ -36,7 +36,7 @@ def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
     section, field = key.split(".")
     sharding.check_batch_divisible(config[section][field], mesh, f"config.{key}")
   logging.info("Mesh: %s over %d process(es)", dict(mesh.shape), jax.process_count())
-  dataset = load_dataset(config.data)
+  dataset = load_dataset(config.data, channels=config.model.channels)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0 and not (epath.Path(workdir) / "teacher").exists():
     writer.write_hparams(_flat_hparams(config))

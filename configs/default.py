@@ -14,13 +14,15 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.data = data = ml_collections.ConfigDict()
-  data.name = "cifar10"  # 'cifar10' (tensorflow-datasets) or 'digits' (scikit-learn, offline).
+  # 'cifar10' (tensorflow-datasets), 'digits' (scikit-learn, offline) or 'folder' (every PNG/JPEG
+  # under data.data_dir, center-cropped; model.channels 1 = grayscale, 3 = RGB).
+  data.name = "cifar10"
   data.image_size = 32  # Training resolution (images are resized to it if needed).
   data.data_dir = config_dict.placeholder(
     str
-  )  # tfds data dir; None = tfds default (~/tensorflow_datasets).
+  )  # tfds data dir (None = ~/tensorflow_datasets); data.name='folder': the image directory.
   data.random_flip = True  # Random horizontal flips (DDPM uses them on CIFAR-10).
-  data.heldout_fraction = 0.2  # digits only: fraction held out as the evaluation reference.
+  data.heldout_fraction = 0.2  # digits and folder: fraction held out as the evaluation reference.
   data.seed = 0  # Seed of the data order; the batch of step s depends only on (seed, s).
 
   config.model = model = ml_collections.ConfigDict()
@@ -41,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # Compute dtype ('bfloat16' on TPU/GPU); params are always float32.
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
-  diffusion.beta_schedule = "linear"  # Noise schedule (DDPM linear).
+  # 'linear' (DDPM) or 'scaled_linear' (LDM: linear in sqrt(beta), beta_start 0.0015).
+  diffusion.beta_schedule = "linear"
   diffusion.beta_start = 1e-4  # beta_1.
   diffusion.beta_end = 0.02  # beta_T.
   diffusion.num_timesteps = 1000  # T.

@@ -58,8 +58,38 @@ def test_schedule_from_config():
   assert s.num_timesteps == 50
   np.testing.assert_allclose([s.betas[0], s.betas[-1]], [1e-3, 0.1], rtol=1e-6)
   cfg.beta_schedule = "cosine"
-  with pytest.raises(ValueError, match="beta_schedule"):
+  with pytest.raises(
+    ValueError, match=r"^config\.diffusion\.beta_schedule='cosine'.*scaled_linear"
+  ):
     diffusion.schedule_from_config(cfg)
+
+
+@pytest.mark.parametrize("beta_end", [0.0195, 0.0155])  # LSUN-Bedrooms and FFHQ; LSUN-Churches
+def test_scaled_linear_schedule_matches_diffusers(beta_end):
+  import diffusers  # A test requirement only; imports torch.
+
+  reference = diffusers.DDPMScheduler(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.0015, beta_end=beta_end
+  )
+  cfg = ml_collections.ConfigDict(
+    dict(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=beta_end, num_timesteps=1000)
+  )
+  s = diffusion.schedule_from_config(cfg)
+  assert s.betas.dtype == jnp.float32 and s.num_timesteps == 1000
+  np.testing.assert_allclose(s.betas, reference.betas.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(s.alphas_cumprod, reference.alphas_cumprod.numpy(), rtol=2e-5)
+  np.testing.assert_allclose([s.betas[0], s.betas[-1]], [0.0015, beta_end], rtol=1e-6)
+  # Linear in sqrt(beta), not in beta.
+  np.testing.assert_allclose(np.sqrt(s.betas), np.linspace(0.0015**0.5, beta_end**0.5, 1000), 1e-6)
+  assert not np.allclose(s.betas, np.linspace(0.0015, beta_end, 1000), rtol=1e-2)
+
+
+def test_default_config_schedule_is_ddpm_linear():
+  from configs import default
+
+  s = diffusion.schedule_from_config(default.get_config().diffusion)
+  np.testing.assert_array_equal(s.betas, diffusion.linear_schedule().betas)
+  np.testing.assert_array_equal(s.alphas_cumprod, diffusion.linear_schedule().alphas_cumprod)
 
 
 def test_q_sample_statistics():
@@ -204,3 +234,20 @@ def test_samplers_deterministic_from_key_and_jittable():
   # Jitted and un-jitted agree.
   eager = diffusion.ddim_sample(_not_oracle, s, SHAPE, k1, 10)
   np.testing.assert_allclose(sample(k1, "ddim"), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_config_validation_accepts_the_schedules_and_names_them():
+  from binarydm_jax.config_validation import validate_config
+  from binarydm_jax.errors import ConfigError
+  from configs import default
+
+  config = default.get_config()
+  for name in diffusion.BETA_SCHEDULES:
+    config.diffusion.beta_schedule = name
+    validate_config(config)
+  config.diffusion.beta_schedule = "cosine"
+  with pytest.raises(ConfigError) as error:
+    validate_config(config)
+  message = str(error.value)
+  assert "\n" not in message and "beta_schedule='cosine'" in message
+  assert "'linear'" in message and "'scaled_linear'" in message

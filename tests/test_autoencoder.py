@@ -167,6 +167,20 @@ def test_vq_parity(vq, images):
   assert _rel_err(vq.decode_latents(vq.params, moments), decoded) < 1e-4
 
 
+def test_quantizer_chunks(monkeypatch):
+  """The chunked codebook search (with a remainder chunk) is the brute-force nearest entry."""
+  monkeypatch.setattr(ae, "QUANTIZE_CHUNK", 7)
+  quantizer = ae.VectorQuantizer(n_embed=50, embed_dim=3)
+  z = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+  params = quantizer.init(jax.random.key(1), z)
+  codebook = np.asarray(jax.random.normal(jax.random.key(2), (50, 3)))
+  quantized, indices = quantizer.apply({"params": {"embedding": codebook}}, z)
+  assert params["params"]["embedding"].shape == (50, 3)
+  distances = ((np.asarray(z)[..., None, :] - codebook) ** 2).sum(-1)
+  np.testing.assert_array_equal(indices, distances.argmin(-1))
+  np.testing.assert_array_equal(quantized, codebook[distances.argmin(-1)])
+
+
 def test_vq_encode_decode_api(vq, images):
   """encode/decode are the LDM's: VQ latents unquantized and unscaled (scale 1), decode quantizes."""
   x = _nhwc(images)

@@ -41,6 +41,8 @@ from binarydm_jax.models.unet import (
 KINDS = ("vq", "kl")
 # The KL posterior's log-variance is clipped to this range before use (as in the LDM codebase).
 LOGVAR_RANGE = (-30.0, 20.0)
+# Latent vectors per step of the codebook search (a QUANTIZE_CHUNK x n_embed distance matrix).
+QUANTIZE_CHUNK = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,11 +208,16 @@ class VectorQuantizer(nn.Module):
       lambda key, shape: jax.random.uniform(key, shape, minval=-bound, maxval=bound),
       (self.n_embed, self.embed_dim),
     )
+    norms = jnp.sum(codebook**2, axis=-1)
+
+    def nearest(vector: jnp.ndarray) -> jnp.ndarray:
+      # argmin |z - e|^2 = argmin |e|^2 - 2 z.e, in full float32 so that TPUs pick the same code.
+      cross = jnp.matmul(codebook, vector, precision=jax.lax.Precision.HIGHEST)
+      return jnp.argmin(norms - 2.0 * cross)
+
+    # In chunks: all distances at once would be N*H*W x n_embed (4 GB for 32 64x64 VQ-f4 latents).
     flat = z.reshape(-1, self.embed_dim).astype(jnp.float32)
-    # |z - e|^2 = |z|^2 + |e|^2 - 2 z.e; full float32 precision so that TPUs pick the same code.
-    cross = jnp.matmul(flat, codebook.T, precision=jax.lax.Precision.HIGHEST)
-    dist = jnp.sum(flat**2, -1, keepdims=True) + jnp.sum(codebook**2, -1) - 2.0 * cross
-    indices = jnp.argmin(dist, axis=-1)
+    indices = jax.lax.map(nearest, flat, batch_size=QUANTIZE_CHUNK)
     quantized = jnp.take(codebook, indices, axis=0).reshape(z.shape).astype(z.dtype)
     return quantized, indices.reshape(z.shape[:-1])
 

@@ -6,17 +6,17 @@ their relative POSIX path (code-point order, so every host lists the same files 
 and decodes each one as `load_image` does: EXIF orientation applied, converted to grayscale or RGB,
 the largest centred square resized to `image_size` x `image_size` with PIL's antialiased bicubic
 filter (the same as resizing the shorter side to `image_size` and center-cropping, in one
-resampling).
+resampling). Paths go through etils `epath`, so a `gs://` folder is read like a local one.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
-import pathlib
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image, ImageOps
 
 from binarydm_jax.errors import DatasetError
@@ -34,17 +34,17 @@ def list_images(directory: str) -> list[str]:
   Raises:
     DatasetError: If `directory` is not a directory or holds no PNG/JPEG file.
   """
-  root = pathlib.Path(directory)
+  root = epath.Path(directory)
   if not root.is_dir():
     raise DatasetError(
       f"image folder {directory!r} is not a directory: pass an existing directory of PNG/JPEG "
       "files as --config.data.data_dir"
     )
   names = []
-  for parent, _, files in os.walk(root):
+  for parent, _, files in root.walk():
     for file in files:
       if file.lower().endswith(IMAGE_SUFFIXES):
-        names.append((pathlib.Path(parent) / file).relative_to(root).as_posix())
+        names.append((parent / file).relative_to(root).as_posix())
   if not names:
     raise DatasetError(
       f"image folder {directory!r} holds no {'/'.join(IMAGE_SUFFIXES)} files (searched "
@@ -60,7 +60,7 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.nd
     DatasetError: If the file cannot be decoded (naming it).
   """
   try:
-    with Image.open(path) as image:
+    with epath.Path(path).open("rb") as file, Image.open(file) as image:
       image = ImageOps.exif_transpose(image).convert(MODES[channels])
       width, height = image.size
       side = min(width, height)
@@ -84,7 +84,7 @@ def read_image_folder(
   """All images under `directory` in `list_images` order, as uint8 (N, S, S, channels).
 
   Args:
-    directory: A local (or mounted) directory of PNG/JPEG files, searched recursively.
+    directory: A directory of PNG/JPEG files (local, mounted or `gs://`), searched recursively.
     image_size: Side S of the square output images.
     channels: 1 (grayscale) or 3 (RGB); every image is converted to it.
     num_threads: Decoding threads; None = the CPU count (at most 32).
@@ -103,7 +103,7 @@ def read_image_folder(
   logging.info("Decoding %d images under %s.", len(names), directory)
   workers = num_threads or min(32, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    paths = (pathlib.Path(directory) / name for name in names)
+    paths = (epath.Path(directory) / name for name in names)
     decoded = pool.map(lambda path: load_image(path, image_size, channels), paths)
     try:
       for index, image in enumerate(decoded):

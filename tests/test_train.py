@@ -213,7 +213,9 @@ class _NaNFrom:
 
 def test_nan_loss_stops_before_saving(tmp_path, tmp_path_factory, monkeypatch):
   nan_step = 2  # the 3rd step; its loss is summarised at step 4 (checkpoint_every = 2)
-  monkeypatch.setattr(pipeline, "load_dataset", lambda cfg: _NaNFrom(load_dataset(cfg), nan_step))
+  monkeypatch.setattr(
+    pipeline, "load_dataset", lambda cfg, **kw: _NaNFrom(load_dataset(cfg, **kw), nan_step)
+  )
   config = pipeline_config(tmp_path_factory, **{"training.checkpoint_every": 2})
   workdir = str(tmp_path)
   with pytest.raises(

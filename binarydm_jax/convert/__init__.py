@@ -4,4 +4,6 @@
 an orbax teacher checkpoint; `binarydm_jax.teacher.load_teacher` reads either form.
 `python -m binarydm_jax.convert.inception --pth=FILE --out=DIR` converts torch-fidelity's FID
 Inception for `binarydm_jax.evaluation.inception.load_inception`.
+`diffusers_autoencoder` converts the LDM first-stage autoencoders (diffusers VQModel/AutoencoderKL,
+CompVis latent-diffusion checkpoints) to `binarydm_jax.models.autoencoder` params.
 """

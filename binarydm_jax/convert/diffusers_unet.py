@@ -95,7 +95,7 @@ _DOWNSAMPLE_PADDING = {0: "asymmetric", 1: "symmetric"}
 
 # Sub-modules of our ResBlock / AttnBlock -> their diffusers names. Our GroupNorm wraps a flax
 # `nn.GroupNorm` called "norm", hence the two-level keys.
-_RESNET_NAMES = {
+RESNET_NAMES = {
   ("norm_1", "norm"): "norm1",
   ("conv_1",): "conv1",
   ("temb_proj",): "time_emb_proj",
@@ -103,7 +103,7 @@ _RESNET_NAMES = {
   ("conv_2",): "conv2",
   ("skip",): "conv_shortcut",
 }
-_ATTN_NAMES = {
+ATTN_NAMES = {
   ("norm", "norm"): "group_norm",
   ("q",): "to_q",
   ("k",): "to_k",
@@ -117,7 +117,7 @@ _DEPRECATED_ATTN_NAMES = {
   "value": "to_v",
   "proj_attn": "to_out.0",
 }
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
 class ConversionError(TeacherError):
@@ -276,20 +276,20 @@ def _module_table(model_config: ml_collections.ConfigDict) -> dict[tuple[str, ..
   block = 1
   for level in range(levels):
     for j in range(n):
-      add((f"input_blocks_{block}", "res"), f"down_blocks.{level}.resnets.{j}", _RESNET_NAMES)
-      add((f"input_blocks_{block}", "attn"), f"down_blocks.{level}.attentions.{j}", _ATTN_NAMES)
+      add((f"input_blocks_{block}", "res"), f"down_blocks.{level}.resnets.{j}", RESNET_NAMES)
+      add((f"input_blocks_{block}", "attn"), f"down_blocks.{level}.attentions.{j}", ATTN_NAMES)
       block += 1
     if level != levels - 1:
       table[(f"input_blocks_{block}",)] = f"down_blocks.{level}.downsamplers.0.conv"
       block += 1
-  add(("middle_res_0",), "mid_block.resnets.0", _RESNET_NAMES)
-  add(("middle_attn",), "mid_block.attentions.0", _ATTN_NAMES)
-  add(("middle_res_1",), "mid_block.resnets.1", _RESNET_NAMES)
+  add(("middle_res_0",), "mid_block.resnets.0", RESNET_NAMES)
+  add(("middle_attn",), "mid_block.attentions.0", ATTN_NAMES)
+  add(("middle_res_1",), "mid_block.resnets.1", RESNET_NAMES)
   block = 0
   for k in range(levels):
     for j in range(n + 1):
-      add((f"output_blocks_{block}", "res"), f"up_blocks.{k}.resnets.{j}", _RESNET_NAMES)
-      add((f"output_blocks_{block}", "attn"), f"up_blocks.{k}.attentions.{j}", _ATTN_NAMES)
+      add((f"output_blocks_{block}", "res"), f"up_blocks.{k}.resnets.{j}", RESNET_NAMES)
+      add((f"output_blocks_{block}", "attn"), f"up_blocks.{k}.attentions.{j}", ATTN_NAMES)
       table[(f"output_blocks_{block}", "upsample")] = f"up_blocks.{k}.upsamplers.0.conv"
       block += 1
   return table
@@ -308,13 +308,64 @@ def _rename_deprecated_attention(state_dict: dict[str, np.ndarray]) -> dict[str,
   return out
 
 
-def _to_flax(value: np.ndarray, leaf: str) -> np.ndarray:
+def to_flax(value: Any, leaf: str) -> np.ndarray:
+  """A torch tensor in our layout: Conv2d OIHW -> HWIO, Linear (out, in) -> (in, out), float32."""
   value = np.asarray(value, np.float32)
   if leaf == "kernel" and value.ndim == 4:  # Conv2d (O, I, kh, kw) -> (kh, kw, I, O)
     return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
   if leaf == "kernel" and value.ndim == 2:  # Linear (out, in) -> Dense (in, out)
     return np.ascontiguousarray(value.T)
   return value
+
+
+def convert_tensors(
+  state_dict: Mapping[str, Any],
+  table: Mapping[tuple[str, ...], str],
+  target: Any,
+  leaf_names: Mapping[str, str] = LEAF_NAMES,
+) -> tuple[dict[str, Any], list[str]]:
+  """Fills the param tree `target` from `state_dict`, each tensor used at most once.
+
+  Args:
+    state_dict: tensor name -> array (numpy or anything `np.asarray` accepts).
+    table: our module path (param path without the leaf) -> the source module name.
+    target: our param tree (shape-dtype leaves), e.g. from `jax.eval_shape`.
+    leaf_names: our leaf name -> the source tensor's last name component.
+
+  Returns:
+    (params, problems): the param tree (float32 numpy leaves, None where a tensor is missing) and
+    one line per kind of problem (missing, left-over, wrongly shaped tensors, unmapped params);
+    the conversion succeeded iff `problems` is empty.
+  """
+  remaining = dict(state_dict)
+  missing, mismatched, unmapped = [], [], []
+
+  def convert(path, spec):
+    names = tuple(p.key for p in path)
+    module, leaf = names[:-1], names[-1]
+    if module not in table or leaf not in leaf_names:
+      unmapped.append("/".join(names))
+      return None
+    key = f"{table[module]}.{leaf_names[leaf]}"
+    if key not in remaining:
+      missing.append(f"{key} (for {'/'.join(names)})")
+      return None
+    value = to_flax(remaining.pop(key), leaf)
+    if value.shape != spec.shape:
+      mismatched.append(f"{key}: {value.shape} after layout change, expected {spec.shape}")
+    return value
+
+  params = jax.tree_util.tree_map_with_path(convert, target)
+  problems = []
+  if missing:
+    problems.append(f"missing tensors: {missing}")
+  if remaining:
+    problems.append(f"left-over tensors: {sorted(remaining)}")
+  if mismatched:
+    problems.append(f"shape mismatches: {mismatched}")
+  if unmapped:
+    problems.append(f"params without a source tensor name: {unmapped}")
+  return params, problems
 
 
 def convert_state_dict(
@@ -332,36 +383,11 @@ def convert_state_dict(
   Raises:
     ConversionError: listing the missing, left-over and wrongly shaped tensors, if any.
   """
-  remaining = _rename_deprecated_attention(dict(state_dict))
-  table = _module_table(model_config)
-  target = config_param_shapes(model_config)
-  missing, mismatched, unmapped = [], [], []
-
-  def convert(path, spec):
-    names = tuple(p.key for p in path)
-    module, leaf = names[:-1], names[-1]
-    if module not in table or leaf not in _LEAF_NAMES:
-      unmapped.append("/".join(names))
-      return None
-    key = f"{table[module]}.{_LEAF_NAMES[leaf]}"
-    if key not in remaining:
-      missing.append(f"{key} (for {'/'.join(names)})")
-      return None
-    value = _to_flax(remaining.pop(key), leaf)
-    if value.shape != spec.shape:
-      mismatched.append(f"{key}: {value.shape} after layout change, expected {spec.shape}")
-    return value
-
-  params = jax.tree_util.tree_map_with_path(convert, target)
-  problems = []
-  if missing:
-    problems.append(f"missing tensors: {missing}")
-  if remaining:
-    problems.append(f"left-over tensors: {sorted(remaining)}")
-  if mismatched:
-    problems.append(f"shape mismatches: {mismatched}")
-  if unmapped:
-    problems.append(f"UNet params without a diffusers counterpart: {unmapped}")
+  params, problems = convert_tensors(
+    _rename_deprecated_attention(dict(state_dict)),
+    _module_table(model_config),
+    config_param_shapes(model_config),
+  )
   if problems:
     raise ConversionError(
       "diffusers state dict does not match the UNet of its config: " + "; ".join(problems)

@@ -41,7 +41,10 @@ class GroupNorm(nn.Module):
 
 
 class ResBlock(nn.Module):
-  """Pre-activation residual block with a timestep projection (DDPM ResnetBlock)."""
+  """Pre-activation residual block with a timestep projection (DDPM ResnetBlock).
+
+  Called with `temb=None` (the autoencoders) it has no timestep projection.
+  """
 
   out_ch: int
   dropout: float
@@ -50,10 +53,11 @@ class ResBlock(nn.Module):
   norm_eps: float
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray | None, train: bool) -> jnp.ndarray:
     h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, name="norm_1")(x))
     h = self.layers.conv(self.out_ch, name="conv_1")(h)
-    h = h + self.layers.dense(self.out_ch, name="temb_proj")(nn.swish(temb))[:, None, None, :]
+    if temb is not None:
+      h = h + self.layers.dense(self.out_ch, name="temb_proj")(nn.swish(temb))[:, None, None, :]
     h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, name="norm_2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = self.layers.conv(self.out_ch, zero_init=True, name="conv_2")(h)
@@ -85,6 +89,13 @@ class AttnBlock(nn.Module):
     return x + self.layers.dense(c, zero_init=True, name="proj_out")(out)
 
 
+def upsample_2x(h: jnp.ndarray, layers: LayerFactory, name: str) -> jnp.ndarray:
+  """2x nearest-neighbour upsampling then a 3x3 conv named `name` (call inside a compact method)."""
+  b, height, width, c = h.shape
+  h = jax.image.resize(h, (b, 2 * height, 2 * width, c), method="nearest")
+  return layers.conv(c, name=name)(h)
+
+
 class ResAttnBlock(nn.Module):
   """One encoder/decoder block: ResBlock, optional attention, optional 2x nearest upsampling."""
 
@@ -107,9 +118,7 @@ class ResAttnBlock(nn.Module):
         self.layers, self.norm_groups, self.norm_eps, self.num_head_channels, name="attn"
       )(h)
     if self.upsample:
-      b, height, width, c = h.shape
-      h = jax.image.resize(h, (b, 2 * height, 2 * width, c), method="nearest")
-      h = self.layers.conv(c, name="upsample")(h)
+      h = upsample_2x(h, self.layers, "upsample")
     return h
 
 

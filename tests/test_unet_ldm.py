@@ -5,6 +5,7 @@ LDM's fused legacy qkv attention layout, against diffusers UNet2DModel and a tor
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from binarydm_jax.config_validation import validate_config
 from binarydm_jax.convert import diffusers_unet
 from binarydm_jax.errors import ConfigError
 from binarydm_jax.models.layers import LayerFactory
-from binarydm_jax.models.unet import AttnBlock, count_params, unet_from_config
+from binarydm_jax.models.unet import AttnBlock, config_param_shapes, count_params, unet_from_config
 from binarydm_jax.quant.presets import block_resolutions
 from tests.test_convert_diffusers import (
   SMALL_CONFIG,
@@ -213,3 +214,24 @@ def test_validate_config_checks_the_ldm_fields(updates, match):
   config.model.update({**ldm, **updates})
   with pytest.raises(ConfigError, match=match):
     validate_config(config)
+
+
+def test_ldm8_churches_unet_size():
+  """lsun_churches-ldm-kl-8.yaml's UNet has the paper's FP size (Table 2: 1125.2 MB)."""
+  model_config = ml_collections.ConfigDict(
+    {
+      "image_size": 32,
+      "channels": 4,
+      "ch": 192,
+      "ch_mult": (1, 2, 2, 4, 4),
+      "num_res_blocks": 2,
+      "attn_resolutions": (32, 16, 8, 4),  # ds 1, 2, 4, 8 of the 32x32 latents
+      "dropout": 0.0,
+      "num_heads": 8,
+      "use_scale_shift_norm": True,
+      "resblock_updown": True,
+    }
+  )
+  n = count_params(config_param_shapes(model_config))
+  assert n == 294_966_916
+  assert round(4 * n / 2**20, 1) == 1125.2

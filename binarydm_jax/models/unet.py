@@ -74,6 +74,8 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray | None, train: bool) -> jnp.ndarray:
+    if self.scale_shift and temb is None:
+      raise ValueError("ResBlock(scale_shift=True) needs a timestep embedding; got temb=None")
     h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, name="norm_1")(x))
     if self.resample is not None:
       h, x = RESAMPLERS[self.resample](h), RESAMPLERS[self.resample](x)

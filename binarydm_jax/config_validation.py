@@ -21,18 +21,27 @@ from binarydm_jax.qat_optim import (
 from binarydm_jax.score import MIN_SAMPLES
 from binarydm_jax.switch import HANDOVERS
 
+_REQUIRED = object()
 
-def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+
+def _get(config: ml_collections.ConfigDict, key: str, default: Any = _REQUIRED) -> Any:
+  """The value at dotted `key`; `default` if given and the last field is absent."""
+  *sections, field = key.split(".")
   value = config
-  for part in key.split("."):
+  for part in sections:
     value = value[part]
-  return value
+  return value[field] if default is _REQUIRED else value.get(field, default)
 
 
 def _check(
-  config: ml_collections.ConfigDict, key: str, ok: Callable[[Any], bool], expected: str
+  config: ml_collections.ConfigDict,
+  key: str,
+  ok: Callable[[Any], bool],
+  expected: str,
+  default: Any = _REQUIRED,
 ) -> None:
-  value = _get(config, key)
+  """Raises ConfigError unless `ok(value)`; `default` makes the field optional."""
+  value = _get(config, key, default)
   if not ok(value):
     raise ConfigError(f"config.{key}={value!r}: expected {expected}")
 
@@ -101,13 +110,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     lambda v: v == -1 or _positive_int(v),
     "-1 (one head) or a positive int",
   )
+  _check(
+    config,
+    "model.num_heads",
+    lambda v: v == -1 or _positive_int(v),
+    "-1 (num_head_channels decides) or a positive int",
+    default=-1,
+  )
+  num_heads = config.model.get("num_heads", -1)
+  if num_heads != -1 and heads != -1:
+    raise ConfigError(
+      f"config.model.num_heads={num_heads}: set either it or model.num_head_channels "
+      f"(={heads}), and the other to -1"
+    )
   for level, mult in enumerate(config.model.ch_mult):
     attn = config.data.image_size // 2**level in config.model.attn_resolutions
-    if heads != -1 and (attn or level == levels) and (config.model.ch * mult) % heads:
-      raise ConfigError(
-        f"config.model.num_head_channels={heads}: must divide the channels of every attention "
-        f"layer (model.ch * ch_mult = {config.model.ch * mult})"
-      )
+    width = config.model.ch * mult
+    for key, value in (("num_head_channels", heads), ("num_heads", num_heads)):
+      if value != -1 and (attn or level == levels) and width % value:
+        raise ConfigError(
+          f"config.model.{key}={value}: must divide the channels of every attention "
+          f"layer (model.ch * ch_mult = {width})"
+        )
+  for key in ("use_scale_shift_norm", "resblock_updown"):
+    _check(config, f"model.{key}", lambda v: isinstance(v, bool), "True or False", default=False)
   _check(config, "diffusion.beta_schedule", *_one_of(BETA_SCHEDULES))
   _check(config, "diffusion.num_timesteps", _positive_int, "a positive int")
   _check(

@@ -37,20 +37,26 @@ ARCHITECTURE_FIELDS = (
   "num_res_blocks",
   "attn_resolutions",
   "num_head_channels",
+  "num_heads",
   "norm_groups",
   "norm_eps",
   "freq_shift",
   "flip_sin_to_cos",
   "downsample_padding",
+  "use_scale_shift_norm",
+  "resblock_updown",
 )
 # `unet_from_config`'s values for optional fields, so a config that omits them compares equal.
 _OPTIONAL_DEFAULTS = {
   "num_head_channels": -1,
+  "num_heads": -1,
   "norm_groups": 32,
   "norm_eps": 1e-6,
   "freq_shift": 1.0,
   "flip_sin_to_cos": False,
   "downsample_padding": "asymmetric",
+  "use_scale_shift_norm": False,
+  "resblock_updown": False,
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

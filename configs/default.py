@@ -40,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   )
   model.flip_sin_to_cos = False  # Timestep embedding order [cos, sin] (LDM) instead of [sin, cos].
   model.downsample_padding = "asymmetric"  # 'asymmetric' (DDPM/TF SAME) or 'symmetric' (LDM).
+  # Optional LDM UNet fields, off when absent (set them in an LDM config; README "LDM UNet options"):
+  #   model.num_heads: heads per attention layer when num_head_channels is -1 (-1: one head).
+  #   model.use_scale_shift_norm: the timestep scales and shifts each ResBlock's second GroupNorm.
+  #   model.resblock_updown: 2x down/upsampling by ResBlocks (avg-pool / nearest) instead of convs.
   model.dtype = "float32"  # Compute dtype ('bfloat16' on TPU/GPU); params are always float32.
 
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -210,7 +210,7 @@ def test_missing_and_leftover_tensors_are_listed(small):
     ("time_embedding_type", "fourier"),
     ("center_input_sample", True),
     ("mid_block_scale_factor", 2),
-    ("resnet_time_scale_shift", "scale_shift"),
+    ("resnet_time_scale_shift", "spatial"),
     ("act_fn", "gelu"),
     ("add_attention", False),
     ("class_embed_type", "timestep"),

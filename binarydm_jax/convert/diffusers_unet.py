@@ -89,8 +89,19 @@ DIFFUSERS_UNET2D_DEFAULTS: dict[str, Any] = {
   "num_train_timesteps": None,
 }
 
-_DOWN_TYPES = {"DownBlock2D": False, "AttnDownBlock2D": True}
-_UP_TYPES = {"UpBlock2D": False, "AttnUpBlock2D": True}
+# Block type -> (has attention, how it resamples: a fixed kind, or None for the config's
+# downsample_type / upsample_type).
+_DOWN_TYPES = {
+  "DownBlock2D": (False, "conv"),
+  "ResnetDownsampleBlock2D": (False, "resnet"),
+  "AttnDownBlock2D": (True, None),
+}
+_UP_TYPES = {
+  "UpBlock2D": (False, "conv"),
+  "ResnetUpsampleBlock2D": (False, "resnet"),
+  "AttnUpBlock2D": (True, None),
+}
+_TIME_SCALE_SHIFT = {"default": False, "scale_shift": True}
 _DOWNSAMPLE_PADDING = {0: "asymmetric", 1: "symmetric"}
 
 # Sub-modules of our ResBlock / AttnBlock -> their diffusers names. Our GroupNorm wraps a flax
@@ -139,7 +150,8 @@ def model_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_colle
   Returns:
     A ConfigDict with the fields `unet_from_config` reads (ch, ch_mult, num_res_blocks,
     attn_resolutions, channels, dropout, num_head_channels, norm_groups, norm_eps, freq_shift,
-    flip_sin_to_cos, downsample_padding) plus `image_size`.
+    flip_sin_to_cos, downsample_padding, use_scale_shift_norm, resblock_updown) plus
+    `image_size`.
 
   Raises:
     ConversionError: naming every field whose value our UNet cannot reproduce.
@@ -164,7 +176,11 @@ def model_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_colle
   require("center_input_sample", not cfg["center_input_sample"], "false")
   require("mid_block_type", cfg["mid_block_type"] == "UNetMidBlock2D", "'UNetMidBlock2D'")
   require("mid_block_scale_factor", cfg["mid_block_scale_factor"] == 1, "1")
-  require("resnet_time_scale_shift", cfg["resnet_time_scale_shift"] == "default", "'default'")
+  require(
+    "resnet_time_scale_shift",
+    cfg["resnet_time_scale_shift"] in _TIME_SCALE_SHIFT,
+    "'default' or 'scale_shift'",
+  )
   require("act_fn", cfg["act_fn"] in ("silu", "swish"), "'silu' or 'swish'")
   require("add_attention", cfg["add_attention"] is True, "true")
   require("class_embed_type", cfg["class_embed_type"] is None, "null")
@@ -172,10 +188,14 @@ def model_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_colle
   require("in_channels", cfg["in_channels"] == cfg["out_channels"], "equal to out_channels")
   require("downsample_padding", cfg["downsample_padding"] in _DOWNSAMPLE_PADDING, "0 or 1")
   require("norm_num_groups", isinstance(cfg["norm_num_groups"], int), "an integer")
+  # diffusers' middle attention has a GroupNorm with attn_norm_num_groups groups, or if that is
+  # null, with norm_num_groups groups under resnet_time_scale_shift='default' and none otherwise.
   require(
     "attn_norm_num_groups",
-    cfg["attn_norm_num_groups"] in (None, cfg["norm_num_groups"]),
-    "null or equal to norm_num_groups",
+    cfg["attn_norm_num_groups"] == cfg["norm_num_groups"]
+    or (cfg["attn_norm_num_groups"] is None and cfg["resnet_time_scale_shift"] == "default"),
+    "equal to norm_num_groups; null only with resnet_time_scale_shift='default', as otherwise "
+    "diffusers' middle attention has no GroupNorm",
   )
 
   channels = [int(c) for c in cfg["block_out_channels"]]
@@ -200,22 +220,17 @@ def model_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_colle
     len(up) == len(channels) and all(t in _UP_TYPES for t in up),
     f"one of {sorted(_UP_TYPES)} per block_out_channels entry",
   )
-  attn_levels = []
+  attn_levels, resblock_updown = [], False
   if not problems:
-    down_attn = [_DOWN_TYPES[t] for t in down]
-    up_attn = [_UP_TYPES[t] for t in reversed(up)]
+    down_attn = [_DOWN_TYPES[t][0] for t in down]
+    up_attn = [_UP_TYPES[t][0] for t in reversed(up)]
     require(
       "up_block_types",
       down_attn == up_attn,
       "attention at the same resolutions as down_block_types (mirrored)",
     )
     attn_levels = [level for level, attn in enumerate(down_attn) if attn]
-    # Only Attn blocks honour downsample_type/upsample_type (plain Down/UpBlock2D always use a
-    # conv), and only where they resample: below the last level / above level 0.
-    if any(level != len(channels) - 1 for level in attn_levels):
-      require("downsample_type", cfg["downsample_type"] == "conv", "'conv'")
-    if any(level != 0 for level in attn_levels):
-      require("upsample_type", cfg["upsample_type"] == "conv", "'conv'")
+    resblock_updown = _resblock_updown(cfg, down, up, problems)
 
   head_dim = cfg["attention_head_dim"]
   if head_dim is not None:
@@ -253,8 +268,35 @@ def model_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_colle
       "freq_shift": float(cfg["freq_shift"]),
       "flip_sin_to_cos": bool(cfg["flip_sin_to_cos"]),
       "downsample_padding": _DOWNSAMPLE_PADDING[cfg["downsample_padding"]],
+      "use_scale_shift_norm": _TIME_SCALE_SHIFT[cfg["resnet_time_scale_shift"]],
+      "resblock_updown": resblock_updown,
     }
   )
+
+
+def _resblock_updown(
+  cfg: Mapping[str, Any], down: list[str], up: list[str], problems: list[str]
+) -> bool:
+  """Whether every 2x resampling is a ResBlock (True) or a conv (False); mixes go to `problems`.
+
+  Plain blocks resample by their type (DownBlock2D: conv, ResnetDownsampleBlock2D: ResBlock),
+  Attn blocks by downsample_type / upsample_type; all but the last down / up block resample.
+  """
+
+  def kind(types: Mapping[str, tuple[bool, str | None]], block_type: str, field: str) -> str:
+    fixed = types[block_type][1]
+    return fixed or cfg[field] or "conv"
+
+  kinds = {kind(_DOWN_TYPES, t, "downsample_type") for t in down[:-1]}
+  kinds |= {kind(_UP_TYPES, t, "upsample_type") for t in up[:-1]}
+  if kinds - {"conv"} and kinds != {"resnet"}:
+    problems.append(
+      f"downsample_type={cfg['downsample_type']!r}, upsample_type={cfg['upsample_type']!r} with "
+      f"down_block_types={down}, up_block_types={up} resample by {sorted(kinds)} (supported: "
+      "'conv' everywhere, or 'resnet' everywhere with ResnetDownsampleBlock2D / "
+      "ResnetUpsampleBlock2D as the blocks without attention)"
+    )
+  return kinds == {"resnet"}
 
 
 def _module_table(model_config: ml_collections.ConfigDict) -> dict[tuple[str, ...], str]:
@@ -273,15 +315,20 @@ def _module_table(model_config: ml_collections.ConfigDict) -> dict[tuple[str, ..
 
   levels = len(model_config.ch_mult)
   n = model_config.num_res_blocks
+  updown = model_config.get("resblock_updown", False)
   block = 1
   for level in range(levels):
     for j in range(n):
       add((f"input_blocks_{block}", "res"), f"down_blocks.{level}.resnets.{j}", RESNET_NAMES)
       add((f"input_blocks_{block}", "attn"), f"down_blocks.{level}.attentions.{j}", ATTN_NAMES)
       block += 1
-    if level != levels - 1:
+    if level == levels - 1:
+      continue
+    if updown:
+      add((f"input_blocks_{block}",), f"down_blocks.{level}.downsamplers.0", RESNET_NAMES)
+    else:
       table[(f"input_blocks_{block}",)] = f"down_blocks.{level}.downsamplers.0.conv"
-      block += 1
+    block += 1
   add(("middle_res_0",), "mid_block.resnets.0", RESNET_NAMES)
   add(("middle_attn",), "mid_block.attentions.0", ATTN_NAMES)
   add(("middle_res_1",), "mid_block.resnets.1", RESNET_NAMES)
@@ -290,7 +337,10 @@ def _module_table(model_config: ml_collections.ConfigDict) -> dict[tuple[str, ..
     for j in range(n + 1):
       add((f"output_blocks_{block}", "res"), f"up_blocks.{k}.resnets.{j}", RESNET_NAMES)
       add((f"output_blocks_{block}", "attn"), f"up_blocks.{k}.attentions.{j}", ATTN_NAMES)
-      table[(f"output_blocks_{block}", "upsample")] = f"up_blocks.{k}.upsamplers.0.conv"
+      if updown:
+        add((f"output_blocks_{block}", "upsample"), f"up_blocks.{k}.upsamplers.0", RESNET_NAMES)
+      else:
+        table[(f"output_blocks_{block}", "upsample")] = f"up_blocks.{k}.upsamplers.0.conv"
       block += 1
   return table
 
@@ -316,6 +366,37 @@ def to_flax(value: Any, leaf: str) -> np.ndarray:
   if leaf == "kernel" and value.ndim == 2:  # Linear (out, in) -> Dense (in, out)
     return np.ascontiguousarray(value.T)
   return value
+
+
+def split_legacy_qkv(qkv: Any, num_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Splits LDM's fused attention projection `qkv` into diffusers' to_q, to_k, to_v tensors.
+
+  LDM (openaimodel `QKVAttentionLegacy`) projects C channels to 3C with one 1x1 conv and splits
+  its output per head before q, k, v: output channel (h * 3 + j) * d + i, j = 0, 1, 2 for q, k, v,
+  is channel h * d + i of projection j (d = C / num_heads). Our AttnBlock and diffusers use separate
+  q, k, v projections whose outputs are (heads, d), so the two compute the same function and the
+  conversion is this permutation of output channels (the softmax scale 1/sqrt(d) is the same).
+
+  Args:
+    qkv: the qkv conv's weight (3C, C, 1) or (3C, C), or its bias (3C,).
+    num_heads: the attention layer's head count.
+
+  Returns:
+    (q, k, v), each with C leading channels and `qkv`'s other axes.
+
+  Raises:
+    ConversionError: if 3C is not a multiple of 3 * num_heads.
+  """
+  qkv = np.asarray(qkv)
+  if num_heads < 1 or qkv.shape[0] % (3 * num_heads):
+    raise ConversionError(
+      f"qkv tensor of shape {qkv.shape}: its {qkv.shape[0]} output channels do not split into "
+      f"q, k, v of {num_heads} heads; check the model's num_heads / num_head_channels"
+    )
+  rest = qkv.shape[1:]
+  per_head = qkv.reshape(num_heads, 3, qkv.shape[0] // (3 * num_heads), *rest)
+  q, k, v = (per_head[:, j].reshape(-1, *rest) for j in range(3))
+  return q, k, v
 
 
 def convert_tensors(

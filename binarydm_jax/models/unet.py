@@ -40,10 +40,28 @@ class GroupNorm(nn.Module):
     return y.astype(x.dtype)
 
 
+def nearest_2x(h: jnp.ndarray) -> jnp.ndarray:
+  """2x nearest-neighbour upsampling of NHWC feature maps."""
+  b, height, width, c = h.shape
+  return jax.image.resize(h, (b, 2 * height, 2 * width, c), method="nearest")
+
+
+def avg_pool_2x(h: jnp.ndarray) -> jnp.ndarray:
+  """2x2 average pooling with stride 2 of NHWC feature maps."""
+  return nn.avg_pool(h, (2, 2), strides=(2, 2))
+
+
+RESAMPLERS = {"up": nearest_2x, "down": avg_pool_2x}
+
+
 class ResBlock(nn.Module):
   """Pre-activation residual block with a timestep projection (DDPM ResnetBlock).
 
-  Called with `temb=None` (the autoencoders) it has no timestep projection.
+  Called with `temb=None` (the autoencoders) it has no timestep projection. With `scale_shift`
+  (LDM's use_scale_shift_norm) the projection has 2*out_ch outputs (scale, shift) and the second
+  GroupNorm's output becomes norm(h) * (1 + scale) + shift. With `resample` 'up' or 'down' (LDM's
+  resblock_updown) both paths are resampled 2x (nearest / average pooling) after the first
+  norm+swish, before the first conv.
   """
 
   out_ch: int
@@ -51,14 +69,27 @@ class ResBlock(nn.Module):
   layers: LayerFactory
   norm_groups: int
   norm_eps: float
+  scale_shift: bool = False
+  resample: str | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray | None, train: bool) -> jnp.ndarray:
+    if self.scale_shift and temb is None:
+      raise ValueError("ResBlock(scale_shift=True) needs a timestep embedding; got temb=None")
     h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, name="norm_1")(x))
+    if self.resample is not None:
+      h, x = RESAMPLERS[self.resample](h), RESAMPLERS[self.resample](x)
     h = self.layers.conv(self.out_ch, name="conv_1")(h)
+    emb = None
     if temb is not None:
-      h = h + self.layers.dense(self.out_ch, name="temb_proj")(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, name="norm_2")(h))
+      emb_ch = 2 * self.out_ch if self.scale_shift else self.out_ch
+      emb = self.layers.dense(emb_ch, name="temb_proj")(nn.swish(temb))[:, None, None, :]
+    if self.scale_shift:
+      scale, shift = jnp.split(emb, 2, axis=-1)
+      h = GroupNorm(self.norm_groups, self.norm_eps, name="norm_2")(h) * (1 + scale) + shift
+    else:
+      h = GroupNorm(self.norm_groups, self.norm_eps, name="norm_2")(h if emb is None else h + emb)
+    h = nn.swish(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = self.layers.conv(self.out_ch, zero_init=True, name="conv_2")(h)
     if x.shape[-1] != self.out_ch:
@@ -66,18 +97,31 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def attention_heads(channels: int, num_head_channels: int, num_heads: int) -> int:
+  """Heads of an attention layer: channels // num_head_channels, else num_heads, else one."""
+  if num_head_channels != -1:
+    return channels // num_head_channels
+  return 1 if num_heads == -1 else num_heads
+
+
 class AttnBlock(nn.Module):
-  """Spatial multi-head self-attention with a residual connection (DDPM AttnBlock)."""
+  """Spatial multi-head self-attention with a residual connection (DDPM AttnBlock).
+
+  q, k and v are separate projections whose outputs are (heads, head_dim) in that order, as in
+  diffusers. LDM's fused `qkv` projection (QKVAttentionLegacy) computes the same function up to a
+  permutation of its output channels; `convert.diffusers_unet.split_legacy_qkv` converts it.
+  """
 
   layers: LayerFactory
   norm_groups: int
   norm_eps: float
-  num_head_channels: int  # -1: a single head over all channels.
+  num_head_channels: int  # -1: `num_heads` heads.
+  num_heads: int = -1  # Used when num_head_channels is -1; -1 with it: a single head.
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     b, height, width, c = x.shape
-    heads = 1 if self.num_head_channels == -1 else c // self.num_head_channels
+    heads = attention_heads(c, self.num_head_channels, self.num_heads)
     h = GroupNorm(self.norm_groups, self.norm_eps, name="norm")(x)
     q, k, v = (
       self.layers.dense(c, name=name)(h).reshape(b, height * width, heads, c // heads)
@@ -91,13 +135,40 @@ class AttnBlock(nn.Module):
 
 def upsample_2x(h: jnp.ndarray, layers: LayerFactory, name: str) -> jnp.ndarray:
   """2x nearest-neighbour upsampling then a 3x3 conv named `name` (call inside a compact method)."""
-  b, height, width, c = h.shape
-  h = jax.image.resize(h, (b, 2 * height, 2 * width, c), method="nearest")
-  return layers.conv(c, name=name)(h)
+  return layers.conv(h.shape[-1], name=name)(nearest_2x(h))
+
+
+def _res_block(owner: nn.Module, out_ch: int, name: str, resample: str | None = None) -> ResBlock:
+  """A ResBlock with the norm, dropout and LDM options of `owner` (a UNet or ResAttnBlock)."""
+  return ResBlock(
+    out_ch,
+    owner.dropout,
+    owner.layers,
+    owner.norm_groups,
+    owner.norm_eps,
+    scale_shift=owner.use_scale_shift_norm,
+    resample=resample,
+    name=name,
+  )
+
+
+def _attn_block(owner: nn.Module, name: str) -> AttnBlock:
+  """An AttnBlock with the norm and head settings of `owner` (a UNet or ResAttnBlock)."""
+  return AttnBlock(
+    owner.layers,
+    owner.norm_groups,
+    owner.norm_eps,
+    owner.num_head_channels,
+    owner.num_heads,
+    name=name,
+  )
 
 
 class ResAttnBlock(nn.Module):
-  """One encoder/decoder block: ResBlock, optional attention, optional 2x nearest upsampling."""
+  """One encoder/decoder block: ResBlock, optional attention, optional 2x upsampling.
+
+  The upsampling is a nearest resize and a conv, or with `resblock_updown` an upsampling ResBlock.
+  """
 
   out_ch: int
   use_attn: bool
@@ -107,23 +178,28 @@ class ResAttnBlock(nn.Module):
   norm_groups: int
   norm_eps: float
   num_head_channels: int
+  num_heads: int = -1
+  use_scale_shift_norm: bool = False
+  resblock_updown: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
-    h = ResBlock(
-      self.out_ch, self.dropout, self.layers, self.norm_groups, self.norm_eps, name="res"
-    )(x, temb, train)
+    h = _res_block(self, self.out_ch, "res")(x, temb, train)
     if self.use_attn:
-      h = AttnBlock(
-        self.layers, self.norm_groups, self.norm_eps, self.num_head_channels, name="attn"
-      )(h)
-    if self.upsample:
+      h = _attn_block(self, "attn")(h)
+    if self.upsample and self.resblock_updown:
+      h = _res_block(self, self.out_ch, "upsample", resample="up")(h, temb, train)
+    elif self.upsample:
       h = upsample_2x(h, self.layers, "upsample")
     return h
 
 
 class UNet(nn.Module):
-  """Epsilon-prediction UNet: `apply(params, x[N,H,W,C], t[N], train)` -> eps[N,H,W,C]."""
+  """Epsilon-prediction UNet: `apply(params, x[N,H,W,C], t[N], train)` -> eps[N,H,W,C].
+
+  The defaults are DDPM's UNet; `num_heads`, `use_scale_shift_norm` and `resblock_updown` are the
+  options of LDM's openaimodel UNet of the same names.
+  """
 
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -132,11 +208,14 @@ class UNet(nn.Module):
   out_channels: int = 3
   dropout: float = 0.1
   num_head_channels: int = -1
+  num_heads: int = -1
   norm_groups: int = 32
   norm_eps: float = 1e-6
   freq_shift: float = 1.0
   flip_sin_to_cos: bool = False
   downsample_padding: str = "asymmetric"
+  use_scale_shift_norm: bool = False
+  resblock_updown: bool = False
   layers: LayerFactory = dataclasses.field(default_factory=LayerFactory)
 
   def _sow_block(self, name: str, h: jnp.ndarray) -> None:
@@ -153,6 +232,9 @@ class UNet(nn.Module):
       norm_groups=self.norm_groups,
       norm_eps=self.norm_eps,
       num_head_channels=self.num_head_channels,
+      num_heads=self.num_heads,
+      use_scale_shift_norm=self.use_scale_shift_norm,
+      resblock_updown=self.resblock_updown,
       name=name,
     )
 
@@ -182,22 +264,19 @@ class UNet(nn.Module):
         block += 1
       if level != len(self.ch_mult) - 1:
         name = f"input_blocks_{block}"
-        pad = DOWNSAMPLE_PADDINGS[self.downsample_padding]
-        h = self.layers.conv(h.shape[-1], strides=(2, 2), padding=pad, name=name)(h)
+        if self.resblock_updown:
+          h = _res_block(self, h.shape[-1], name, resample="down")(h, temb, train)
+        else:
+          pad = DOWNSAMPLE_PADDINGS[self.downsample_padding]
+          h = self.layers.conv(h.shape[-1], strides=(2, 2), padding=pad, name=name)(h)
         self._sow_block(name, h)
         skips.append(h)
         resolution //= 2
         block += 1
 
-    h = ResBlock(
-      h.shape[-1], self.dropout, self.layers, self.norm_groups, self.norm_eps, name="middle_res_0"
-    )(h, temb, train)
-    h = AttnBlock(
-      self.layers, self.norm_groups, self.norm_eps, self.num_head_channels, name="middle_attn"
-    )(h)
-    h = ResBlock(
-      h.shape[-1], self.dropout, self.layers, self.norm_groups, self.norm_eps, name="middle_res_1"
-    )(h, temb, train)
+    h = _res_block(self, h.shape[-1], "middle_res_0")(h, temb, train)
+    h = _attn_block(self, "middle_attn")(h)
+    h = _res_block(self, h.shape[-1], "middle_res_1")(h, temb, train)
     self._sow_block("middle_block", h)
 
     block = 0
@@ -229,11 +308,14 @@ def unet_from_config(
     out_channels=model_config.channels,
     dropout=model_config.dropout,
     num_head_channels=model_config.get("num_head_channels", -1),
+    num_heads=model_config.get("num_heads", -1),
     norm_groups=model_config.get("norm_groups", 32),
     norm_eps=model_config.get("norm_eps", 1e-6),
     freq_shift=model_config.get("freq_shift", 1.0),
     flip_sin_to_cos=model_config.get("flip_sin_to_cos", False),
     downsample_padding=model_config.get("downsample_padding", "asymmetric"),
+    use_scale_shift_norm=model_config.get("use_scale_shift_norm", False),
+    resblock_updown=model_config.get("resblock_updown", False),
     layers=layers or LayerFactory(dtype=dtype),
   )
 

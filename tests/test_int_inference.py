@@ -181,7 +181,9 @@ class UNetCase:
     return expected, compiled(converted, self.x, self.t), compiled
 
 
-@pytest.mark.parametrize("act_quantizer", ["signed", "asymmetric"])
+@pytest.mark.parametrize(
+  "act_quantizer", ["signed", pytest.param("asymmetric", marks=pytest.mark.slow)]
+)
 def test_digits_unet_int8_equals_fake_quant_exactly_with_dyadic_params(act_quantizer):
   case = UNetCase(digits.get_config, 2, act_quantizer)
   params = case.params(dyadic=True)
@@ -210,6 +212,7 @@ def test_int8_unet_computes_in_int8_with_int32_accumulation():
   assert _int_ops(jax.make_jaxpr(case.fake.apply)(params, case.x, case.t).jaxpr) == []
 
 
+@pytest.mark.slow  # 16 s; the digits UNet checks the same in the default suite.
 def test_cifar_unet_int8_equals_fake_quant_exactly_and_compiles_to_integer_ops():
   case = UNetCase(cifar.get_config, 1)
   params = case.params(dyadic=True)

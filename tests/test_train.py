@@ -396,7 +396,6 @@ def _step_pieces(config):
   return model, tx, step
 
 
-@pytest.mark.slow  # 19-26 s; test_qat checks the 8-device QAT step in the default suite.
 def test_train_step_is_the_same_on_8_devices_and_1(tmp_path_factory):
   config = pipeline_config(tmp_path_factory)
   dataset = load_dataset(config.data)

@@ -211,6 +211,7 @@ class _NaNFrom:
     return batch * np.nan if step >= self._step else batch
 
 
+@pytest.mark.slow  # 15 s: a whole job; the loop-level NaN test below stays in the default suite.
 def test_nan_loss_stops_before_saving(tmp_path, tmp_path_factory, monkeypatch):
   nan_step = 2  # the 3rd step; its loss is summarised at step 4 (checkpoint_every = 2)
   monkeypatch.setattr(

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The accelerator benchmarks, as one run: CIFAR-10 FP and QAT steps/s at batch 64 and DDIM
-# sampling throughput (FP teacher, fake-quant W1A4 student, int8 export), JSON and logs into OUT.
+# The accelerator benchmarks, as one run: the digits metrics' seed spread up to 32,768 samples
+# (benchmarks/digits_metric_noise.py), CIFAR-10 FP and QAT steps/s at batch 64 and DDIM sampling
+# throughput (FP teacher, fake-quant W1A4 student, int8 export), JSON and logs into OUT. Each part
+# is cut off after RUN_LIMIT_S seconds (default 240) so that a slow one leaves time for the rest.
 #
 #   benchmarks/device_benchmarks.sh OUT_DIR
 #
@@ -61,12 +63,14 @@ run() {  # NAME COMMAND...: logs to OUT/NAME.log; a failure is reported and the 
   shift
   echo "== $name: $*"
   local started=$SECONDS
-  "$@" 2>&1 | grep -v -E '^[IW][0-9]{4} ' | tee "$out/$name.log"
+  timeout "${RUN_LIMIT_S:-240}" "$@" 2>&1 | grep -v -E '^[IW][0-9]{4} ' | tee "$out/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "== $name: exit $rc after $((SECONDS - started)) s"
   [ "$rc" -eq 0 ] || status=1
 }
 
+run digits_noise "$py" -m benchmarks.digits_metric_noise --seeds=0,1,2 \
+  --counts=2048,4096,8192,16384,32768 --batch_size=4096
 run cifar_steps "$py" -m benchmarks.qat_step_cost --config=configs/cifar.py --batch_size=64 \
   --noise_data --repeats=3 --steps_per_repeat=20 --json="$out/cifar_steps.json"
 run cifar_sampling "$py" -m benchmarks.sampling_throughput --config=configs/cifar.py --batch=256 \

@@ -2,7 +2,7 @@
 number costs: which `eval.num_samples` makes two evaluations of one model agree?
 
   taskset -c 1 python -m benchmarks.digits_metric_noise [--teacher=DIR] [--seeds=0,1,2] \
-      [--counts=512,1024,2048,4096]
+      [--counts=512,1024,2048,4096] [--batch_size=N]
 
 Draws max(--counts) samples of the teacher (the digits config's sampler, e.g. DDIM-50) per
 `eval.seed` of --seeds; the evaluation of N samples is the first N of them, exactly the samples
@@ -36,6 +36,9 @@ _TEACHER = flags.DEFINE_string(
 )
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "eval.seed values (noise, bootstrap, KID).")
 _COUNTS = flags.DEFINE_list("counts", ["512", "1024", "2048", "4096"], "eval.num_samples values.")
+_BATCH_SIZE = flags.DEFINE_integer(
+  "batch_size", 0, "Sampling batch (0: the config's eval.batch_size; an accelerator takes thousands)."
+)
 METRICS = ("fid", "fid_all", "kid")
 
 
@@ -75,7 +78,7 @@ def main(argv: list[str]) -> None:
     image_shape,
   )
   extractor = DigitsFeatureExtractor(image_shape[0], cache_dir=config.eval.cache_dir)
-  batch_size = config.eval.batch_size
+  batch_size = _BATCH_SIZE.value or config.eval.batch_size
   started = time.time()
   sampler(params, jax.random.PRNGKey(0), batch_size)  # Compile (and one batch), untimed below.
   print(

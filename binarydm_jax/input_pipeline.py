@@ -51,6 +51,8 @@ class ImageDataset:
     random_flip: Whether `batch` flips images horizontally with prob 0.5.
     train_labels: Class labels of `train` (int32), or None.
     heldout_labels: Class labels of `heldout` (int32), or None.
+    train_flipped: What a flip of each `train` row gives, when flipping the row itself is not
+      exact (latents: the latents of the flipped image); None = flip `train` rows.
   """
 
   train: np.ndarray
@@ -59,6 +61,7 @@ class ImageDataset:
   random_flip: bool
   train_labels: np.ndarray | None = None
   heldout_labels: np.ndarray | None = None
+  train_flipped: np.ndarray | None = None
 
   def batch(
     self,
@@ -109,7 +112,11 @@ class ImageDataset:
     if self.random_flip:
       flip_rng = np.random.default_rng([self.seed, step, _FLIP_STREAM])
       flip = flip_rng.random(global_batch_size)[rows] < 0.5
-      images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+      if self.train_flipped is None:
+        flipped = images[:, :, ::-1]
+      else:
+        flipped = self.train_flipped[indices[rows]]
+      images = np.where(flip[:, None, None, None], flipped, images)
     return images
 
   def _global_indices(self, step: int, global_batch_size: int) -> np.ndarray:

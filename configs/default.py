@@ -6,6 +6,7 @@ Override any field from the command line, e.g. `--config.training.num_steps=100`
 import ml_collections
 from ml_collections import config_dict
 
+from binarydm_jax import first_stage
 from binarydm_jax.quant import default_quant_config
 
 
@@ -45,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   #   model.use_scale_shift_norm: the timestep scales and shifts each ResBlock's second GroupNorm.
   #   model.resblock_updown: 2x down/upsampling by ResBlocks (avg-pool / nearest) instead of convs.
   model.dtype = "float32"  # Compute dtype ('bfloat16' on TPU/GPU); params are always float32.
+
+  # Latent diffusion: the frozen autoencoder around the UNet ('' = pixel space). With one,
+  # data.image_size and model.channels are the latents' (README "Latent diffusion").
+  config.first_stage = first_stage.default_config()
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   # 'linear' (DDPM) or 'scaled_linear' (LDM: linear in sqrt(beta), beta_start 0.0015).

@@ -17,14 +17,14 @@ import pytest
 from binarydm_jax import efficiency
 from binarydm_jax.models.unet import count_params, unet_from_config
 from binarydm_jax.quant import QuantPolicy, QuantRule, layer_shapes
-from configs import digits, ldm4_bedrooms
+from configs import digits, lsun_bedrooms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def ldm4():
-  return efficiency.account(ldm4_bedrooms.get_config())
+  return efficiency.account(lsun_bedrooms.get_config())
 
 
 # ------------------------------------------------------------------ a hand-checkable model
@@ -140,7 +140,7 @@ def test_ldm4_w1a4_row(ldm4):
 
 def test_layer_sums_equal_totals(ldm4):
   layers = ldm4["layers"]
-  config = ldm4_bedrooms.get_config()
+  config = lsun_bedrooms.get_config()
   model = unet_from_config(config.model)
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.int32)

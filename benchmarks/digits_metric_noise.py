@@ -37,7 +37,9 @@ _TEACHER = flags.DEFINE_string(
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "eval.seed values (noise, bootstrap, KID).")
 _COUNTS = flags.DEFINE_list("counts", ["512", "1024", "2048", "4096"], "eval.num_samples values.")
 _BATCH_SIZE = flags.DEFINE_integer(
-  "batch_size", 0, "Sampling batch (0: the config's eval.batch_size; an accelerator takes thousands)."
+  "batch_size",
+  0,
+  "Sampling batch (0: the config's eval.batch_size; an accelerator takes thousands).",
 )
 METRICS = ("fid", "fid_all", "kid")
 

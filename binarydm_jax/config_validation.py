@@ -7,11 +7,13 @@ from typing import Any
 
 import ml_collections
 
+from binarydm_jax import first_stage
 from binarydm_jax.diffusion import BETA_SCHEDULES
 from binarydm_jax.errors import ConfigError
 from binarydm_jax.export import FP_DTYPES
 from binarydm_jax.image_folder import MODES
 from binarydm_jax.input_pipeline import DATASET_NAMES
+from binarydm_jax.models.autoencoder import AutoencoderConfig
 from binarydm_jax.qat_optim import (
   EBB_REDUCTIONS,
   LR_SCHEDULES,
@@ -76,7 +78,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(
       config,
       "model.channels",
-      lambda v: v in MODES,
+      lambda v: v in MODES or bool(config.get("first_stage", {}).get("kind")),
       "1 (grayscale) or 3 (RGB) with data.name='folder'",
     )
   _check(config, "data.image_size", _positive_int, "a positive int")
@@ -150,6 +152,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config, "optim.ema_decay", lambda v: 0.0 <= v < 1.0, "a decay in [0, 1)")
   _check(config, "optim.ema_warmup", lambda v: isinstance(v, bool), "True or False")
   _validate_qat(config)
+  first_stage_config = _validate_first_stage(config)
   _check(config, "sampling.sampler", *_one_of(("ddim", "ddpm")))
   _check(
     config,
@@ -160,12 +163,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(config, "sampling.variance", *_one_of(("fixedlarge", "fixedsmall")))
   _check(config, "sampling.grid_size", _positive_int, "a positive int")
   _check(config, "eval.metric", *_one_of(("digits_fid", "inception", "none")))
-  for metric, dataset in [("digits_fid", "digits"), ("inception", "cifar10")]:
-    if config.eval.metric == metric and config.data.name != dataset:
-      raise ConfigError(
-        f"config.eval.metric={metric!r} needs data.name={dataset!r} (got "
-        f"{config.data.name!r}); set --config.eval.metric=none"
-      )
+  if config.eval.metric == "digits_fid" and config.data.name != "digits":
+    raise ConfigError(
+      f"config.eval.metric='digits_fid' needs data.name='digits' (got {config.data.name!r}); "
+      "set --config.eval.metric=none, or 'inception' for RGB images"
+    )
+  rgb = config.data.name != "digits" and (config.model.channels == 3 or first_stage_config)
+  if config.eval.metric == "inception" and not rgb:
+    raise ConfigError(
+      f"config.eval.metric='inception' needs RGB images (data.name={config.data.name!r}, "
+      f"model.channels={config.model.channels}); set --config.eval.metric=none"
+    )
 
   least = MIN_SAMPLES["cifar10"] if config.eval.metric == "inception" else 2
   _check(
@@ -180,6 +188,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config, "mesh.data", lambda v: v == -1 or _positive_int(v), "-1 (all devices) or a positive int"
   )
   _check(config, "mesh.fsdp", _positive_int, "a positive int")
+
+
+def _validate_first_stage(config: ml_collections.ConfigDict) -> AutoencoderConfig | None:
+  """Checks `config.first_stage` against the data, UNet and sampler; returns its architecture."""
+  if "first_stage" not in config:
+    return None
+  _check(config, "first_stage.kind", *_one_of(first_stage.KINDS))
+  ae = first_stage.autoencoder_config(config)  # ConfigError on an inconsistent architecture.
+  if ae is None:
+    return None
+  if config.data.name == "digits":
+    raise ConfigError(
+      "config.first_stage.kind: the first stages are RGB autoencoders and digits are grayscale; "
+      "set --config.first_stage.kind='' or another data.name"
+    )
+  if not (config.first_stage.source or config.first_stage.random_init):
+    first_stage.from_config(config)  # Raises the ConfigError that says how to get one.
+  _check(config, "first_stage.encode_batch_size", _positive_int, "a positive int")
+  _check(
+    config,
+    "sampling.clip_denoised",
+    lambda v: v is False,
+    "False with a first stage (latents are not in [-1, 1]; the decoded images are clipped)",
+  )
+  return ae
 
 
 def _validate_qat(config: ml_collections.ConfigDict) -> None:

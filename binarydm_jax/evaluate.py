@@ -55,9 +55,8 @@ def evaluate_model(
   """
   config = job.config
   sharding.check_batch_divisible(config.eval.batch_size, job.mesh, "config.eval.batch_size")
-  sampler = sampling.make_sampler(model, job.schedule, config.sampling, job.mesh, job.image_shape)
   return evaluate_sampler(
-    name, sampler, params, config, job.dataset, job.workdir, job.writer, model_id
+    name, job.sampler(model), params, config, job.images, job.workdir, job.writer, model_id
   )
 
 
@@ -99,7 +98,7 @@ def evaluate_sampler(
     scalars.update(fid_ci_low=low, fid_ci_high=high)
     writer.write_scalars(0, {f"{name}/digits_{key}": value for key, value in scalars.items()})
   elif config.eval.metric == "inception":
-    result = _inception_metrics(images, config) | {"generation": generation}
+    result = _inception_metrics(images, config, dataset) | {"generation": generation}
     writer.write_scalars(0, {f"{name}/{key}": result[key] for key in INCEPTION_SCALARS})
   else:
     result = {"num_samples": int(samples.shape[0])}
@@ -144,8 +143,24 @@ def _draw_shards(
   return sample_shards.load_samples(out_dir), {**result, "dir": str(out_dir)}
 
 
-def _inception_metrics(images: np.ndarray, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`score.score_against_reference` of uint8 samples against CIFAR-10's train split."""
+def reference_label(config: ml_collections.ConfigDict, image_size: int) -> str:
+  """Names the real images of a job in the reference cache: 'cifar10' (the CLI's --ref), else
+  the data source, resolution and a hash of where the images come from, so that two folders or
+  resolutions never share a cached reference."""
+  data = config.data
+  if data.name == "cifar10" and image_size == 32:
+    return "cifar10"
+  origin = json.dumps(
+    [data.get("data_dir"), data.get("max_images"), data.get("num_images")], sort_keys=True
+  )
+  return f"{data.name}{image_size}_{hashlib.sha256(origin.encode()).hexdigest()[:8]}"
+
+
+def _inception_metrics(
+  images: np.ndarray, config: ml_collections.ConfigDict, dataset: ImageDataset
+) -> dict[str, Any]:
+  """`score.score_against_reference` of uint8 samples against the job's training images (the
+  whole training set, as the paper's FID reference batches)."""
   extractor = inception.load_inception(config.eval.inception_dir)
   cache_dir = (
     epath.Path(config.eval.cache_dir) / "reference"
@@ -154,9 +169,9 @@ def _inception_metrics(images: np.ndarray, config: ml_collections.ConfigDict) ->
   )
   return score.score_against_reference(
     images,
-    config.data.name,
+    reference_label(config, images.shape[1]),
     extractor,
-    lambda: score.cifar10_train_images(config.data.data_dir),
+    lambda: sampling.to_uint8(dataset.train),
     cache_dir,
     seed=config.eval.seed,
   )

@@ -41,6 +41,10 @@ ARCHITECTURE_KEYS = (
 )
 
 
+# The top-level modules of `Autoencoder` that decoding uses.
+DECODER_MODULES = ("post_quant_conv", "decoder", "quantize")
+
+
 class FirstStageError(TeacherError):
   """A first-stage checkpoint that is missing, unreadable or of another architecture."""
 
@@ -96,18 +100,39 @@ def image_size(config: ml_collections.ConfigDict) -> int:
   return config.data.image_size * (ae.factor if ae else 1)
 
 
+def decoder_params(params: Any) -> dict[str, Any]:
+  """The part of the params that sampling needs (decoder, post-quant conv, codebook)."""
+  return {key: value for key, value in params.items() if key in DECODER_MODULES}
+
+
+def _cast(tree: Any, dtype: str) -> Any:
+  return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+
+
 def save(
-  path: str | os.PathLike, config: AutoencoderConfig, params: Any, overwrite: bool = False
+  path: str | os.PathLike,
+  config: AutoencoderConfig,
+  params: Any,
+  overwrite: bool = False,
+  dtype: str = "float32",
 ) -> epath.Path:
-  """Writes an orbax first-stage checkpoint: items `params` and `config` (the dataclass as JSON)."""
+  """Writes an orbax first-stage checkpoint: items `params` (stored as `dtype`) and `config`.
+
+  `params` may be the whole autoencoder's or only `decoder_params` (an export ships those).
+  The VQ codebook stays float32: rounding it would change which entry a latent snaps to.
+  """
   import orbax.checkpoint as ocp
 
   path = fileio.absolute(path)
   if path.exists() and not overwrite:
     raise FirstStageError(f"{path} already exists; remove it or pass --overwrite")
   items = ocp.args.Composite(
-    params=ocp.args.StandardSave(jax.tree.map(jnp.asarray, params)),
-    config=ocp.args.JsonSave(dataclasses.asdict(config)),
+    params=ocp.args.StandardSave(
+      {key: _cast(tree, "float32" if key == "quantize" else dtype) for key, tree in params.items()}
+    ),
+    config=ocp.args.JsonSave(
+      {"autoencoder": dataclasses.asdict(config), "modules": sorted(params)}
+    ),
   )
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     checkpointer.save(path, items, force=overwrite)
@@ -127,10 +152,17 @@ def load(path: str | os.PathLike) -> tuple[AutoencoderConfig, Any]:
     )
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     stored = checkpointer.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))
-    config = AutoencoderConfig(**stored["config"])
-    target = autoencoder.param_shapes(Autoencoder(config), image_size=8 * config.factor)
-    args = ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    stored = stored["config"]
+    config = AutoencoderConfig(**stored["autoencoder"])
+    shapes = autoencoder.param_shapes(Autoencoder(config), image_size=8 * config.factor)
+    shapes = {key: shapes[key] for key in stored["modules"]}
+    args = ocp.args.Composite(params=ocp.args.StandardRestore())
     params = checkpointer.restore(path, args)["params"]
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  if jax.tree.map(jnp.shape, params) != jax.tree.map(lambda a: a.shape, shapes):
+    raise FirstStageError(
+      f"first stage {path}: its params do not fit its own config {config}; convert it again"
+    )
   return config, params
 
 

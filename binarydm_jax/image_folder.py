@@ -53,6 +53,17 @@ def list_images(directory: str) -> list[str]:
   return sorted(names)
 
 
+def center_square(image: Image.Image, image_size: int) -> np.ndarray:
+  """The centred square of `image`, resized (bicubic) to uint8 (image_size, image_size, C)."""
+  width, height = image.size
+  side = min(width, height)
+  left, top = (width - side) // 2, (height - side) // 2
+  image = image.resize(
+    (image_size, image_size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side)
+  )
+  return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, -1)
+
+
 def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.ndarray:
   """One image file as uint8 (image_size, image_size, channels): its centred square, resized.
 
@@ -61,16 +72,7 @@ def load_image(path: str | os.PathLike, image_size: int, channels: int) -> np.nd
   """
   try:
     with epath.Path(path).open("rb") as file, Image.open(file) as image:
-      image = ImageOps.exif_transpose(image).convert(MODES[channels])
-      width, height = image.size
-      side = min(width, height)
-      left, top = (width - side) // 2, (height - side) // 2
-      image = image.resize(
-        (image_size, image_size),
-        Image.Resampling.BICUBIC,
-        box=(left, top, left + side, top + side),
-      )
-      return np.asarray(image, dtype=np.uint8).reshape(image_size, image_size, channels)
+      return center_square(ImageOps.exif_transpose(image).convert(MODES[channels]), image_size)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise DatasetError(

@@ -18,11 +18,16 @@ import numpy as np
 import sklearn.datasets
 import tensorflow_datasets as tfds
 from absl import logging
+from PIL import Image
 
 from binarydm_jax.errors import DatasetError
-from binarydm_jax.image_folder import read_image_folder
+from binarydm_jax.image_folder import center_square, read_image_folder
 
-DATASET_NAMES = ("digits", "cifar10", "folder")
+DATASET_NAMES = ("digits", "cifar10", "folder", "lsun_bedrooms", "lsun_churches", "synthetic")
+# Our names of the tensorflow-datasets LSUN categories (the paper's LDM datasets).
+LSUN_CATEGORIES = {"lsun_bedrooms": "lsun/bedroom", "lsun_churches": "lsun/church_outdoor"}
+# The synthetic images' held-out share (like the other sources' default split).
+_SYNTHETIC_HELDOUT = 0.25
 
 # Seeds the train/held-out permutation of digits and image folders. Deliberately
 # not the training seed, so the held-out images are the same for every run.
@@ -136,12 +141,13 @@ def load_dataset(data_config: ml_collections.ConfigDict, channels: int = 3) -> I
   """Loads a dataset named by `data_config.name` into host memory.
 
   Args:
-    data_config: Fields `name` ('digits', 'cifar10' or 'folder'), `image_size`,
-      `seed`, `random_flip`, and optionally `data_dir` (tfds data dir; for
-      'folder' the image directory) and `heldout_fraction` (digits and folder,
-      default 0.2).
+    data_config: Fields `name` (one of DATASET_NAMES), `image_size`, `seed`,
+      `random_flip`, and optionally `data_dir` (tfds data dir; for 'folder' the
+      image directory), `heldout_fraction` (digits and folder, default 0.2),
+      `max_images` (LSUN: read at most this many train images; None = all) and
+      `num_images` (synthetic, default 64).
     channels: Channels of the 'folder' images: 1 (grayscale) or 3 (RGB). Digits
-      are always 1 channel and CIFAR-10 3.
+      are always 1 channel; CIFAR-10, LSUN and synthetic images 3.
 
   Returns:
     The dataset, images resized to `image_size` and scaled to [-1, 1].
@@ -160,6 +166,12 @@ def load_dataset(data_config: ml_collections.ConfigDict, channels: int = 3) -> I
     splits = _load_folder(data_config.get("data_dir", None), image_size, channels, heldout_fraction)
   elif name == "cifar10":
     splits = _load_cifar10(image_size, data_config.get("data_dir", None))
+  elif name in LSUN_CATEGORIES:
+    splits = _load_lsun(
+      name, image_size, data_config.get("data_dir", None), data_config.get("max_images", None)
+    )
+  elif name == "synthetic":
+    splits = _synthetic(data_config.get("num_images", 64), image_size)
   else:
     raise ValueError(f"Unknown dataset {name!r}; valid names are {', '.join(DATASET_NAMES)}.")
   train, train_labels, heldout, heldout_labels = splits
@@ -238,18 +250,24 @@ def _load_folder(
   )
 
 
-def _load_cifar10(image_size: int, data_dir: str | None) -> _Splits:
-  """CIFAR-10 `train` for training and `test` as held-out, from a prepared tfds dir."""
-  builder = tfds.builder("cifar10", data_dir=data_dir)
+def _prepared_builder(tfds_name: str, title: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The tfds builder of `tfds_name`, or DatasetNotFoundError saying how to prepare it offline."""
+  builder = tfds.builder(tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
     root = builder.data_dir_root
     raise DatasetNotFoundError(
-      f"CIFAR-10 is not prepared in {root} (no dataset_info.json in {builder.data_dir}). "
+      f"{title} is not prepared in {root} (no dataset_info.json in {builder.data_dir}). "
       'On a machine with internet run `python -c "import tensorflow_datasets as tfds; '
-      f"tfds.builder('cifar10', data_dir='{root}').download_and_prepare()\"` "
-      f"(or `tfds build cifar10 --data_dir={root}`), copy {root} here, "
+      f"tfds.builder('{tfds_name}', data_dir='{root}').download_and_prepare()\"` "
+      f"(or `tfds build {tfds_name} --data_dir={root}`), copy {root} here, "
       f"then pass --config.data.data_dir={root}."
     )
+  return builder
+
+
+def _load_cifar10(image_size: int, data_dir: str | None) -> _Splits:
+  """CIFAR-10 `train` for training and `test` as held-out, from a prepared tfds dir."""
+  builder = _prepared_builder("cifar10", "CIFAR-10", data_dir)
   train, train_labels = _read_tfds_split(builder, "train")
   heldout, heldout_labels = _read_tfds_split(builder, "test")
   return (
@@ -269,3 +287,48 @@ def _read_tfds_split(
   images = np.concatenate([chunk["image"] for chunk in chunks])
   labels = np.concatenate([chunk["label"] for chunk in chunks]).astype(np.int32)
   return images, labels
+
+
+def _load_lsun(name: str, image_size: int, data_dir: str | None, max_images: int | None) -> _Splits:
+  """An LSUN category (`train`, at most `max_images`; `validation` held out), centre-cropped.
+
+  LSUN images differ in size (the shorter side is 256), so each is cropped to its centred
+  square and resized one at a time, as the LDM's LSUN loader does.
+  """
+  tfds_name = LSUN_CATEGORIES[name]
+  builder = _prepared_builder(tfds_name, f"LSUN {tfds_name.split('/')[1]} ({name})", data_dir)
+
+  def read(split: str) -> np.ndarray:
+    rows = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+    images = []
+    for row in rows:
+      images.append(center_square(Image.fromarray(row["image"]).convert("RGB"), image_size))
+      if split == "train" and max_images and len(images) >= max_images:
+        break
+    return _to_model_range(np.stack(images), 255.0, image_size)
+
+  return read("train"), None, read("validation"), None
+
+
+def _synthetic(num_images: int, image_size: int) -> _Splits:
+  """Smooth random RGB images (sums of a few sinusoids), fixed by `_SPLIT_SEED`: for smoke runs.
+
+  They have image-like low-frequency structure, so an autoencoder and a UNet see non-trivial
+  inputs, and they need no download.
+  """
+  if num_images < 2:
+    raise ValueError(
+      f"data.num_images must be >= 2 for a train and a held-out split, got {num_images}."
+    )
+  rng = np.random.default_rng(_SPLIT_SEED)
+  grid = np.linspace(0.0, 2.0 * np.pi, image_size, endpoint=False)
+  y, x = np.meshgrid(grid, grid, indexing="ij")
+  freq = rng.integers(1, 4, size=(num_images, 3, 2, 2))  # image, channel, wave, (fy, fx)
+  phase = rng.uniform(0.0, 2.0 * np.pi, size=(num_images, 3, 2))
+  waves = np.sin(
+    freq[..., 0, None, None] * y + freq[..., 1, None, None] * x + phase[..., None, None]
+  )
+  images = (0.5 * waves.sum(axis=2)).transpose(0, 2, 3, 1).astype(np.float32)
+  images = np.clip(images, -1.0, 1.0)
+  train, heldout = _split(num_images, _SYNTHETIC_HELDOUT)
+  return images[train], None, images[heldout], None

@@ -11,7 +11,8 @@ import ml_collections
 from clu import metric_writers
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion
+from binarydm_jax import diffusion, sampling
+from binarydm_jax.first_stage import FirstStage
 from binarydm_jax.input_pipeline import ImageDataset
 from binarydm_jax.sampling import Sampler
 
@@ -25,7 +26,9 @@ class Job:
 
   `model` is the full-precision UNet of `config.model` (the teacher's architecture; the student
   binarizes it); `on_sample` makes each training stage's sampling callback (the job saves grids,
-  the ablation scores FIDs).
+  the ablation scores FIDs). `dataset` is what the UNet trains on: the images, or for latent
+  diffusion their latents under `first_stage`, in which case `images` holds the images the
+  evaluation compares samples with (else it is `dataset` itself).
   """
 
   config: ml_collections.ConfigDict
@@ -36,8 +39,21 @@ class Job:
   schedule: diffusion.Schedule
   writer: metric_writers.MetricWriter
   on_sample: SampleCallbacks
+  first_stage: FirstStage | None = None
+  images: ImageDataset | None = None
+
+  def __post_init__(self):
+    if self.images is None:
+      object.__setattr__(self, "images", self.dataset)
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
-    """(H, W, C) of the training images, which is what every model here samples."""
+    """(H, W, C) of what the UNet denoises: the training images, or their latents."""
     return tuple(self.dataset.train.shape[1:])
+
+  def sampler(self, model: nn.Module) -> Sampler:
+    """`sampling.make_sampler` for a UNet of this job: its images, decoded if latent."""
+    decode = self.first_stage.decode if self.first_stage else None
+    return sampling.make_sampler(
+      model, self.schedule, self.config.sampling, self.mesh, self.image_shape, decode
+    )

@@ -15,9 +15,19 @@ from absl import logging
 from clu import metric_writers
 from etils import epath
 
-from binarydm_jax import diffusion, efficiency, evaluate, export, qat, sampling, sharding, train
+from binarydm_jax import (
+  diffusion,
+  efficiency,
+  evaluate,
+  export,
+  first_stage,
+  qat,
+  sampling,
+  sharding,
+  train,
+)
 from binarydm_jax.config_validation import validate_config
-from binarydm_jax.input_pipeline import load_dataset
+from binarydm_jax.input_pipeline import ImageDataset, load_dataset
 from binarydm_jax.job import Job
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.teacher import assert_same_architecture, load_teacher
@@ -36,7 +46,7 @@ def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
     section, field = key.split(".")
     sharding.check_batch_divisible(config[section][field], mesh, f"config.{key}")
   logging.info("Mesh: %s over %d process(es)", dict(mesh.shape), jax.process_count())
-  dataset = load_dataset(config.data, channels=config.model.channels)
+  images, first, dataset = load_data(config)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0 and not (epath.Path(workdir) / "teacher").exists():
     writer.write_hparams(_flat_hparams(config))
@@ -49,7 +59,35 @@ def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
     schedule=diffusion.schedule_from_config(config.diffusion),
     writer=writer,
     on_sample=sampling.grid_callbacks(config, workdir, writer),
+    first_stage=first,
+    images=images,
   )
+
+
+def load_data(
+  config: ml_collections.ConfigDict,
+) -> tuple[ImageDataset, first_stage.FirstStage | None, ImageDataset]:
+  """(images, first stage, what the UNet trains on): the images or, with a first stage, latents.
+
+  A latent diffusion job loads its images at `first_stage.image_size(config)` (RGB) and encodes
+  them once here; the frozen first stage then only decodes samples.
+  """
+  first = first_stage.from_config(config)
+  if first is None:
+    images = load_dataset(config.data, channels=config.model.channels)
+    return images, None, images
+  data_config = config.data.copy_and_resolve_references()
+  data_config.image_size = first_stage.image_size(config)
+  images = load_dataset(data_config, channels=first.config.in_channels)
+  latents = first_stage.latent_dataset(first, images, config.first_stage.encode_batch_size)
+  logging.info(
+    "Latent diffusion: %s images -> %s latents (%s first stage, scale factor %g)",
+    images.train.shape[1:],
+    latents.train.shape[1:],
+    first.config.kind,
+    first.config.scale_factor,
+  )
+  return images, first, latents
 
 
 def teacher_stage(job: Job) -> Any:

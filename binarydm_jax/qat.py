@@ -22,7 +22,7 @@ from clu import metric_writers
 from etils import epath
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, lrm, qat_optim, sampling, sharding, switch
+from binarydm_jax import diffusion, lrm, qat_optim, sharding, switch
 from binarydm_jax.errors import ConfigError
 from binarydm_jax.input_pipeline import ImageDataset
 from binarydm_jax.job import Job
@@ -401,9 +401,7 @@ def train_student(
   student = make_student(config, job.mesh, job.dataset, job.model, teacher_params, job.schedule)
   switch_step = student.settings.switch_step
   evolves = student.settings.ebb and switch_step < config.qat.num_steps
-  sampler = sampling.make_sampler(
-    student.model, job.schedule, config.sampling, job.mesh, job.image_shape
-  )
+  sampler = job.sampler(student.model)
   stage = Stage(
     name="student",
     directory=str(epath.Path(job.workdir) / "student"),

@@ -160,7 +160,7 @@ def generate(
     )
   sampling_settings = settings(source, sampler, steps, eta)
   manifest = generation_manifest(
-    source.name, sampling_settings, num_samples, shard_size, seed, source.image_shape
+    source.name, sampling_settings, num_samples, shard_size, seed, source.sample_shape
   )
   return write_shards(
     lambda: sampler_on(source, sampling_settings, devices),

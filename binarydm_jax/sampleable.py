@@ -8,9 +8,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from binarydm_jax import diffusion, sampling, sharding, workdir
+from binarydm_jax import diffusion, first_stage, sampling, sharding, workdir
 from binarydm_jax.export import load_export
+from binarydm_jax.export.manifest import FIRST_STAGE
+from binarydm_jax.first_stage import FirstStage
+from binarydm_jax.models.autoencoder import Autoencoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +27,16 @@ class Sampleable:
   image_shape: tuple[int, int, int]
   diffusion: Any  # ConfigDict of the `diffusion` section.
   sampling: Any  # ConfigDict of the `sampling` section.
+  first_stage: FirstStage | None = None  # Latent diffusion: decodes the sampled latents.
+
+  @property
+  def sample_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of the samples: `image_shape` (what the UNet denoises), or its decoded images."""
+    if self.first_stage is None:
+      return self.image_shape
+    factor = self.first_stage.config.factor
+    height, width, _ = self.image_shape
+    return (height * factor, width * factor, self.first_stage.config.out_channels)
 
 
 def load(
@@ -39,6 +53,7 @@ def load(
       (data["image_size"], data["image_size"], data["channels"]),
       ml_collections.ConfigDict(info["diffusion"]),
       ml_collections.ConfigDict(info["sampling"]),
+      _exported_first_stage(export_dir, info),
     )
   trained = (workdir.load_student if which == "student" else workdir.load_teacher_stage)(
     workdir_path
@@ -51,7 +66,16 @@ def load(
     workdir.image_shape(config),
     config.diffusion,
     config.sampling,
+    first_stage.from_config(config),
   )
+
+
+def _exported_first_stage(export_dir: str, info: dict[str, Any]) -> FirstStage | None:
+  """The decoder an export of a latent diffusion model ships (None for a pixel-space model)."""
+  if "first_stage" not in info:
+    return None
+  config, params = first_stage.load(epath.Path(export_dir) / FIRST_STAGE)
+  return FirstStage(Autoencoder(config), params)
 
 
 def settings(
@@ -76,8 +100,9 @@ def sampler_on(
     ml_collections.ConfigDict({"data": len(devices), "fsdp": 1}), devices=devices
   )
   schedule = diffusion.schedule_from_config(source.diffusion)
+  decode = source.first_stage.decode if source.first_stage else None
   sample = sampling.make_sampler(
-    source.model, schedule, sampling_settings, mesh, source.image_shape
+    source.model, schedule, sampling_settings, mesh, source.image_shape, decode
   )
   return sample, jax.device_put(source.params, sharding.replicated(mesh))  # Restored on one device.
 

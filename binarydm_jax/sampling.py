@@ -30,10 +30,13 @@ def make_sampler(
   sampling_config: ml_collections.ConfigDict,
   mesh: Mesh,
   image_shape: tuple[int, int, int],
+  decode: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Sampler:
   """Returns `sample(params, rng, num) -> np.ndarray[num, H, W, C]` in [-1, 1], on all hosts.
 
   The batch is sharded over the mesh's data axis; each distinct `num` compiles once.
+  `image_shape` is what the UNet denoises; with `decode` (a latent diffusion model's first
+  stage, `first_stage.FirstStage.decode`) the samples are its images of the final latents.
   """
 
   @functools.partial(jax.jit, static_argnums=(2,), out_shardings=sharding.data_sharding(mesh))
@@ -44,7 +47,7 @@ def make_sampler(
 
     shape = (num, *image_shape)
     if sampling_config.sampler == "ddim":
-      return diffusion.ddim_sample(
+      x0 = diffusion.ddim_sample(
         eps_fn,
         schedule,
         shape,
@@ -53,9 +56,11 @@ def make_sampler(
         sampling_config.eta,
         sampling_config.clip_denoised,
       )
-    return diffusion.ddpm_sample(
-      eps_fn, schedule, shape, rng, sampling_config.clip_denoised, sampling_config.variance
-    )
+    else:
+      x0 = diffusion.ddpm_sample(
+        eps_fn, schedule, shape, rng, sampling_config.clip_denoised, sampling_config.variance
+      )
+    return x0 if decode is None else decode(x0)
 
   def run(params: Any, rng: jax.Array, num: int) -> np.ndarray:
     out = sample(params, rng, num)

@@ -16,7 +16,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, optim, sampling, sharding
+from binarydm_jax import diffusion, optim, sharding
 from binarydm_jax.job import Job
 from binarydm_jax.loop import Stage, run_stage
 from binarydm_jax.train_state import TrainState, create_train_state, ema_decay_at, ema_update
@@ -114,9 +114,7 @@ def train_teacher(job: Job) -> Any:
   """Trains the FP model in WORKDIR/teacher (resuming if possible); returns its EMA params."""
   config = job.config
   state, step_fn = make_teacher(config, job.mesh, job.model, job.schedule, job.image_shape)
-  sampler = sampling.make_sampler(
-    job.model, job.schedule, config.sampling, job.mesh, job.image_shape
-  )
+  sampler = job.sampler(job.model)
   stage = Stage(
     name="teacher",
     directory=str(epath.Path(job.workdir) / "teacher"),

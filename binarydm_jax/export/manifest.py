@@ -1,7 +1,8 @@
 """manifest.json of an export: the format, file hashes, the size on disk, and the checks on load.
 
 `export_bytes` is the sum of the sizes (file lengths in bytes, not filesystem blocks) of
-every file under the export directory, manifest.json included. The manifest states its own length
+every file under the export directory, manifest.json included, except a latent diffusion model's
+first stage (FIRST_STAGE/, its own `first_stage.bytes`): the UNet is what the paper's sizes count. The manifest states its own length
 that way by being padded with trailing spaces to exactly the length it accounts for (JSON allows
 trailing whitespace). `size_saving` = `fp32_bytes` / `export_bytes`.
 """
@@ -19,6 +20,7 @@ from etils import epath
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights"  # The orbax checkpoint of the blobs.
+FIRST_STAGE = "first_stage"  # Latent diffusion: the autoencoder's decoder (`first_stage.save`).
 FORMAT = "binarydm_jax.export"
 FORMAT_VERSION = 1
 FP_DTYPES = ("float32", "bfloat16", "float16")
@@ -79,7 +81,12 @@ def write(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, Any
     The manifest as written (JSON types: lists for tuples).
   """
   out_dir = epath.Path(out_dir)
-  others = sum(len(p.read_bytes()) for p in _files(out_dir) if p.name != MANIFEST)
+  unet_files = [
+    p
+    for p in _files(out_dir)
+    if p.name != MANIFEST and p.relative_to(out_dir).parts[0] != FIRST_STAGE
+  ]
+  others = sum(len(p.read_bytes()) for p in unet_files)
   length = 0
   while True:  # The length only grows, so this ends after a few rounds.
     manifest["export_bytes"] = others + length

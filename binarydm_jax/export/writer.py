@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from binarydm_jax import fileio, qat, workdir
+from binarydm_jax import fileio, first_stage, qat, workdir
 from binarydm_jax.models.unet import param_shapes
 from binarydm_jax.quant.params import param_labels, scale_index
 from binarydm_jax.quant.policy import unwrap_params
@@ -127,9 +127,23 @@ def export_student(
   _check_finite(blobs, options)
 
   out_dir = epath.Path(out_dir)
+  first = first_stage.from_config(config)
   tmp = _prepare_out_dir(out_dir)
   try:
     _write_checkpoint(tmp / manifest.WEIGHTS, blobs)
+    files = manifest.file_table(tmp, manifest.WEIGHTS)
+    extra = {}
+    if first is not None:  # Sampling decodes the latents: ship the decoder, in fp_dtype.
+      decoder = first_stage.decoder_params(first.params)
+      first_stage.save(tmp / manifest.FIRST_STAGE, first.config, decoder, dtype=fp_dtype)
+      first_files = manifest.file_table(tmp, manifest.FIRST_STAGE)
+      files |= first_files
+      extra["first_stage"] = {
+        "kind": first.config.kind,
+        "dtype": fp_dtype,
+        "params": sum(np.size(leaf) for leaf in jax.tree.leaves(decoder)),
+        "bytes": sum(entry["bytes"] for entry in first_files.values()),
+      }
     written = manifest.write(
       tmp,
       {
@@ -149,8 +163,9 @@ def export_student(
         },
         "fp32_bytes": 4 * fp_param_count(params),
         "packed_bytes": int(blobs[layout.SIGNS].nbytes) if layout.SIGNS in blobs else 0,
-        "files": manifest.file_table(tmp, manifest.WEIGHTS),
-      },
+        "files": files,
+      }
+      | extra,
     )
     if out_dir.exists():
       out_dir.rmtree()

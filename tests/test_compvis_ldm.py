@@ -31,18 +31,13 @@ from tests.test_unet_ldm import LDM_CONFIG as CHURCHES_DIFFUSERS
 # LDM-4's UNet options at small widths: attention (16 channels per head) at all levels but the
 # first, conv resampling, 2 ResBlocks per level.
 BEDROOMS_DIFFUSERS = {
-  "_class_name": "UNet2DModel",
-  "sample_size": 16,
+  **CHURCHES_DIFFUSERS,
   "in_channels": 3,
   "out_channels": 3,
-  "block_out_channels": [32, 64, 64],
   "layers_per_block": 2,
-  "norm_num_groups": 8,
-  "norm_eps": 1e-5,
-  "attention_head_dim": 16,
-  "downsample_padding": 1,
-  "flip_sin_to_cos": True,
-  "freq_shift": 0,
+  "resnet_time_scale_shift": "default",
+  "downsample_type": "conv",
+  "upsample_type": "conv",
   "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
   "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 }

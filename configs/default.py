@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # Compute dtype ('bfloat16' on TPU/GPU); params are always float32.
 
   # Latent diffusion: the frozen autoencoder around the UNet ('' = pixel space). With one,
-  # data.image_size and model.channels are the latents' (README "Latent diffusion").
+  # data.image_size and model.channels are the latents' (README "Latent diffusion jobs").
   config.first_stage = first_stage.default_config()
 
   config.diffusion = diffusion = ml_collections.ConfigDict()

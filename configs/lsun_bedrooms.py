@@ -5,7 +5,7 @@
   python -m binarydm_jax.main --config=configs/lsun_bedrooms.py:smoke --workdir=/tmp/ldm_smoke
   python -m binarydm_jax.efficiency --config=configs/lsun_bedrooms.py
 
-README "Latent diffusion" says how to get CONVERTED from the published model.ckpt.
+README "Latent diffusion jobs" says how to get CONVERTED from the published model.ckpt.
 """
 
 import ml_collections

@@ -10,6 +10,7 @@ import pytest
 import scipy.linalg
 
 from binarydm_jax import evaluate, input_pipeline
+from binarydm_jax.config_validation import validate_config
 from binarydm_jax.evaluation import bootstrap, digits_classifier, digits_fid, frechet
 from configs import digits as digits_config
 
@@ -257,3 +258,18 @@ def test_evaluate_sampler_reports_every_digits_score_and_follows_eval_seed(digit
   assert same == result
   assert samples.shape == other_samples.shape and not np.array_equal(other_samples, samples)
   assert other["fid"] != result["fid"]
+
+
+def test_steady_digits_variant_scores_the_measured_sample_count():
+  """configs/digits.py:steady: the job unchanged but eval.num_samples (BENCHMARKS.md's choice)."""
+  default, steady = digits_config.get_config(), digits_config.get_config("steady")
+  validate_config(steady)
+  assert steady.eval.num_samples == digits_config.STEADY_NUM_SAMPLES == 16_384
+  assert steady.eval.num_samples % steady.eval.batch_size == 0
+  steady.eval.num_samples, steady.eval.batch_size = (
+    default.eval.num_samples,
+    default.eval.batch_size,
+  )
+  assert steady.to_dict() == default.to_dict()
+  with pytest.raises(ValueError, match="use 'smoke', 'steady' or nothing"):
+    digits_config.get_config("noisy")

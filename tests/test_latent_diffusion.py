@@ -38,8 +38,9 @@ LDM_CONFIGS = {"lsun_bedrooms": lsun_bedrooms, "ffhq": ffhq, "lsun_churches": ls
 
 @pytest.fixture(scope="module")
 def churches_smoke():
-  """The LDM-8 smoke config (KL-f8, factor 8) and its random first stage."""
+  """The LDM-8 smoke config with a 2-level KL first stage (factor 2: quick to compile)."""
   config = lsun_churches.get_config("smoke")
+  config.first_stage.ch_mult = (1, 2)
   return config, first_stage.from_config(config)
 
 
@@ -143,7 +144,7 @@ def test_lsun_images_are_center_cropped_from_tfds(tmp_path):
 def test_latent_dataset_flips_by_encoding_flipped_images(churches_smoke):
   config, first = churches_smoke
   data = ml_collections.ConfigDict(
-    {"name": "synthetic", "image_size": 64, "seed": 3, "random_flip": True, "num_images": 8}
+    {"name": "synthetic", "image_size": 16, "seed": 3, "random_flip": True, "num_images": 8}
   )
   images = load_dataset(data)
   latents = first_stage.latent_dataset(first, images, batch_size=4)
@@ -176,7 +177,7 @@ def test_sampler_decodes_latents_to_images(churches_smoke):
   )
   key = jax.random.PRNGKey(1)
   images = make(first.decode)({}, key, 2)
-  assert images.shape == (2, 64, 64, 3) and np.abs(images).max() <= 1.0
+  assert images.shape == (2, 16, 16, 3) and np.abs(images).max() <= 1.0
   # The same latents, undecoded (scaled into the sampler's [-1, 1] output clip and back).
   latents = jnp.asarray(make(lambda z: z / 1000.0)({}, key, 2)) * 1000.0
   assert np.abs(latents).max() > 1.0  # Latents are not images: decoding is what clips.

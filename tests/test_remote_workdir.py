@@ -226,6 +226,7 @@ LOCAL_FILE_OPS = re.compile(
 LOCAL_ONLY = {
   "convert/diffusers_unet.py": "reads the user's diffusers checkpoint (safetensors reads files)",
   "convert/inception.py": "converts the user's local torch Inception .pth (torch.load)",
+  "convert/compvis_ldm.py": "converts the user's local CompVis model.ckpt (torch.load)",
   "evaluation/inception.py": "the converted FID network's weights dir, copied to each host",
   "evaluation/digits_classifier.py": "the digits CNN shipped inside the package, or its user cache",
 }

@@ -3,6 +3,8 @@
   python -m binarydm_jax.evaluate --samples=DIR_OR.npz --ref=digits --json=OUT.json
   python -m binarydm_jax.evaluate --samples=DIR_OR.npz --ref=cifar10 --json=OUT.json \
       [--inception=DIR] [--ref_npz=REAL.npz | --data_dir=TFDS_DIR] [--cache_dir=DIR]
+  python -m binarydm_jax.evaluate --samples=DIR_OR.npz --ref=images --ref_npz=REAL.npz \
+      --json=OUT.json [--inception=DIR] [--cache_dir=DIR]
 
 --samples is an `.npz` with uint8 NHWC
 images under `arr_0` or a directory of `binarydm_jax.generate` shards.
@@ -13,10 +15,13 @@ cifar10: FID, sFID, Inception Score, precision/recall and KID (`kid`, `kid_std`)
   Inception (`--inception`, converted by `binarydm_jax.convert.inception`) against the reference
   statistics of the CIFAR-10 train split (tfds, or the uint8 images of --ref_npz), computed once
   and cached in --cache_dir (`evaluation.reference`).
+images: the same metrics against the real uint8 RGB images of --ref_npz (an .npz with `arr_0`
+  or a shard directory, e.g. LSUN-Bedrooms for an LDM), cached under a hash of their files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -37,13 +42,29 @@ from binarydm_jax.score import (
 )
 
 
-def _reference_images(path: str | None, data_dir: str | None) -> np.ndarray:
+def _reference_images(path: str | None, data_dir: str | None, ref: str) -> np.ndarray:
   """Real images: the uint8 NHWC `arr_0` of --ref_npz, else the CIFAR-10 train split."""
   if not path:
     return cifar10_train_images(data_dir)
   images = load_samples(path)
-  check_samples(images, "cifar10")
+  check_samples(images, ref)
   return images
+
+
+def _reference_label(ref: str, path: str | None) -> str:
+  """The reference cache's dataset name: 'cifar10', or 'images_' + a hash of --ref_npz's files
+  (so that two sets of real images never share a cache entry)."""
+  if ref == "cifar10":
+    return "cifar10"
+  if not path:
+    raise SamplesError("--ref=images needs the real images: pass --ref_npz=REAL.npz (arr_0: uint8)")
+  root = epath.Path(path)
+  if not root.exists():
+    raise SamplesError(f"--ref_npz={path} does not exist: pass an .npz or a shard directory")
+  digest = hashlib.sha256()
+  for file in [root] if root.is_file() else sorted(root.glob("*.npz")):
+    digest.update(file.read_bytes())
+  return f"images_{digest.hexdigest()[:8]}"
 
 
 _SAMPLES = flags.DEFINE_string("samples", None, "An .npz (arr_0: uint8 NHWC) or a shard dir.")
@@ -56,7 +77,9 @@ _ALLOW_OTHER = flags.DEFINE_bool(
   "allow_other_weights", False, "Accept Inception weights that are not the FID ones (tests)."
 )
 _REF_NPZ = flags.DEFINE_string(
-  "ref_npz", None, "cifar10: real uint8 NHWC images (arr_0) instead of the tfds train split."
+  "ref_npz",
+  None,
+  "Real uint8 NHWC images (arr_0, or a shard dir): images: required; cifar10: instead of tfds.",
 )
 _REF_STATS = flags.DEFINE_string("ref_stats", None, "cifar10: a reference cache file to use.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "cifar10: the tfds data dir.")
@@ -70,7 +93,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not (_SAMPLES.value and _REF.value and _JSON.value):
-    raise app.UsageError("pass --samples=PATH, --ref=digits|cifar10 and --json=OUT")
+    raise app.UsageError("pass --samples=PATH, --ref=digits|cifar10|images and --json=OUT")
   try:
     images = load_samples(_SAMPLES.value)
     check_samples(images, _REF.value)
@@ -80,9 +103,9 @@ def main(argv: list[str]) -> None:
       extractor = inception.load_inception(_INCEPTION.value, allow_other_weights=_ALLOW_OTHER.value)
       result = score_against_reference(
         images,
-        "cifar10",
+        _reference_label(_REF.value, _REF_NPZ.value),
         extractor,
-        lambda: _reference_images(_REF_NPZ.value, _DATA_DIR.value),
+        lambda: _reference_images(_REF_NPZ.value, _DATA_DIR.value, _REF.value),
         _CACHE_DIR.value,
         _REF_STATS.value,
         _SEED.value,

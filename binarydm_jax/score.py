@@ -4,6 +4,7 @@ digits: `digits_metrics` (the offline digits CNN) against the held-out split, wi
   the whole real set, its bootstrap interval and KID.
 cifar10: FID, sFID, Inception Score, precision/recall and KID (`kid`, `kid_std`) in the FID
   Inception against reference statistics of the real data (`evaluation.reference`).
+images: the same metrics against real images given as uint8 (LSUN, FFHQ, a folder's).
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ from binarydm_jax.evaluation.precision_recall import precision_recall
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.sample_shards import SamplesError
 
-REFS = ("digits", "cifar10")
-CHANNELS = {"digits": 1, "cifar10": 3}
+# 'images': the Inception metrics against any real RGB images given as uint8 (e.g. LSUN, FFHQ).
+REFS = ("digits", "cifar10", "images")
+CHANNELS = {"digits": 1, "cifar10": 3, "images": 3}
 K = 3  # Precision/recall neighbourhood (ADM).
-MIN_SAMPLES = {"digits": 2, "cifar10": K + 1}  # Covariances need 2; the k-th neighbour k + 1.
+MIN_SAMPLES = {
+  "digits": 2,
+  "cifar10": K + 1,
+  "images": K + 1,
+}  # Covariances need 2; the k-th neighbour k + 1.
 
 
 def check_samples(images: np.ndarray, ref: str) -> None:

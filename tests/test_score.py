@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from binarydm_jax import evaluate_cli
 from binarydm_jax.evaluation import inception, reference
 from binarydm_jax.evaluation.metrics import fid
 from binarydm_jax.models.unet import unet_from_config
@@ -123,6 +124,31 @@ def test_cifar10_cli_end_to_end(weights_dir, tmp_path):
   assert scores["num_samples"] == NUM and scores["reference"]["num_images"] == NUM
   assert scores["fid"] > 0 and scores["feature_extractor_sha256"] == "ab" * 32
   assert len(list((tmp_path / "cache").glob("ref_cifar10_inception_2015_12_05_abababab.npz"))) == 1
+
+  # The same real images as --ref=images: the same scores, cached under their own hash.
+  args[1] = "--ref=images"
+  result = run_module("binarydm_jax.evaluate", *args, f"--json={tmp_path / 'b.json'}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  again = json.loads((tmp_path / "b.json").read_text())
+  assert again["fid"] == pytest.approx(scores["fid"]) and again["ref"] == "images"
+  label = evaluate_cli._reference_label("images", str(tmp_path / "real.npz"))
+  assert again["reference"]["dataset"] == label
+  assert (tmp_path / "cache" / f"ref_{label}_inception_2015_12_05_abababab.npz").is_file()
+
+
+def test_images_reference_is_named_by_the_real_images_content(tmp_path):
+  """--ref=images caches by a hash of --ref_npz's files: other images, another cache entry."""
+  for name, seed in [("a.npz", 0), ("b.npz", 0), ("c.npz", 1)]:
+    np.savez(tmp_path / name, arr_0=images(seed))
+  label = evaluate_cli._reference_label
+  assert label("images", str(tmp_path / "a.npz")).startswith("images_")
+  assert label("images", str(tmp_path / "a.npz")) == label("images", str(tmp_path / "b.npz"))
+  assert label("images", str(tmp_path / "a.npz")) != label("images", str(tmp_path / "c.npz"))
+  assert label("cifar10", None) == label("cifar10", str(tmp_path / "a.npz")) == "cifar10"
+  with pytest.raises(SamplesError, match="--ref=images needs the real images: pass --ref_npz"):
+    label("images", None)
+  with pytest.raises(SamplesError, match="does not exist"):
+    label("images", str(tmp_path / "missing.npz"))
 
 
 @pytest.mark.slow

@@ -21,7 +21,6 @@ images: the same metrics against the real uint8 RGB images of --ref_npz (an .npz
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 
@@ -37,6 +36,7 @@ from binarydm_jax.score import (
   REFS,
   check_samples,
   cifar10_train_images,
+  images_reference_label,
   score_against_reference,
   score_digits,
 )
@@ -49,22 +49,6 @@ def _reference_images(path: str | None, data_dir: str | None, ref: str) -> np.nd
   images = load_samples(path)
   check_samples(images, ref)
   return images
-
-
-def _reference_label(ref: str, path: str | None) -> str:
-  """The reference cache's dataset name: 'cifar10', or 'images_' + a hash of --ref_npz's files
-  (so that two sets of real images never share a cache entry)."""
-  if ref == "cifar10":
-    return "cifar10"
-  if not path:
-    raise SamplesError("--ref=images needs the real images: pass --ref_npz=REAL.npz (arr_0: uint8)")
-  root = epath.Path(path)
-  if not root.exists():
-    raise SamplesError(f"--ref_npz={path} does not exist: pass an .npz or a shard directory")
-  digest = hashlib.sha256()
-  for file in [root] if root.is_file() else sorted(root.glob("*.npz")):
-    digest.update(file.read_bytes())
-  return f"images_{digest.hexdigest()[:8]}"
 
 
 _SAMPLES = flags.DEFINE_string("samples", None, "An .npz (arr_0: uint8 NHWC) or a shard dir.")
@@ -103,7 +87,7 @@ def main(argv: list[str]) -> None:
       extractor = inception.load_inception(_INCEPTION.value, allow_other_weights=_ALLOW_OTHER.value)
       result = score_against_reference(
         images,
-        _reference_label(_REF.value, _REF_NPZ.value),
+        "cifar10" if _REF.value == "cifar10" else images_reference_label(_REF_NPZ.value),
         extractor,
         lambda: _reference_images(_REF_NPZ.value, _DATA_DIR.value, _REF.value),
         _CACHE_DIR.value,

@@ -9,12 +9,14 @@ images: the same metrics against real images given as uint8 (LSUN, FFHQ, a folde
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from binarydm_jax import sampling
 from binarydm_jax.evaluation import inception, reference
@@ -77,6 +79,20 @@ def cifar10_train_images(data_dir: str | None) -> np.ndarray:
     {"name": "cifar10", "image_size": 32, "seed": 0, "random_flip": False, "data_dir": data_dir}
   )
   return sampling.to_uint8(load_dataset(data).train)
+
+
+def images_reference_label(path: str | os.PathLike | None) -> str:
+  """The reference cache's dataset name of `--ref=images`: 'images_' + a hash of the real images'
+  files (an .npz or a shard directory), so that two sets of real images never share an entry."""
+  if not path:
+    raise SamplesError("--ref=images needs the real images: pass --ref_npz=REAL.npz (arr_0: uint8)")
+  root = epath.Path(path)
+  if not root.exists():
+    raise SamplesError(f"--ref_npz={path} does not exist: pass an .npz or a shard directory")
+  digest = hashlib.sha256()
+  for file in [root] if root.is_file() else sorted(root.glob("*.npz")):
+    digest.update(file.read_bytes())
+  return f"images_{digest.hexdigest()[:8]}"
 
 
 def score_inception(

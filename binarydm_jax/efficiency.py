@@ -1,6 +1,6 @@
 """Efficiency accounting of a binarized diffusion UNet: params, FP MACs, BOPs, OPs, stored size.
 
-`python -m binarydm_jax.efficiency --config=configs/ldm4_bedrooms.py [--json=OUT]` prints the
+`python -m binarydm_jax.efficiency --config=configs/lsun_bedrooms.py [--json=OUT]` prints the
 per-layer table and the totals; `account(config)` returns the same numbers as a JSON-able dict.
 
 Everything is read from the model's own shapes: one `jax.eval_shape` of `model.init` under

@@ -9,6 +9,7 @@ never binarized (paper App. B.1): it runs in full precision around the UNet.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -190,8 +191,12 @@ class FirstStage:
   def config(self) -> AutoencoderConfig:
     return self.model.config
 
+  @functools.cached_property
   def encoder(self) -> Callable[[jax.Array], jax.Array]:
-    """Jitted images [N, H, W, C] in [-1, 1] -> latents (VQ: pre-quantization; KL: the mean)."""
+    """Jitted images [N, H, W, C] in [-1, 1] -> latents (VQ: pre-quantization; KL: the mean).
+
+    One jitted function per first stage, so each batch shape compiles once.
+    """
     return jax.jit(lambda images: autoencoder.encode(self.model, self.params, images))
 
   def decode(self, latents: jax.Array) -> jax.Array:
@@ -229,7 +234,7 @@ def from_config(config: ml_collections.ConfigDict) -> FirstStage | None:
 
 def encode_images(first_stage: FirstStage, images: np.ndarray, batch_size: int) -> np.ndarray:
   """Latents of NHWC images in [-1, 1], float32, computed `batch_size` images at a time."""
-  encode = first_stage.encoder()
+  encode = first_stage.encoder
   batches = []
   for start in range(0, len(images), batch_size):
     batches.append(np.asarray(encode(jnp.asarray(images[start : start + batch_size]))))

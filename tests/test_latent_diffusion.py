@@ -149,7 +149,7 @@ def test_latent_dataset_flips_by_encoding_flipped_images(churches_smoke):
   images = load_dataset(data)
   latents = first_stage.latent_dataset(first, images, batch_size=4)
   assert latents.train.shape == (6, 8, 8, 4) and latents.heldout.shape == (2, 8, 8, 4)
-  encode = first.encoder()
+  encode = first.encoder
   np.testing.assert_allclose(latents.train, encode(images.train), atol=1e-5)
   flipped = encode(images.train[:, :, ::-1])
   np.testing.assert_allclose(latents.train_flipped, flipped, atol=1e-5)

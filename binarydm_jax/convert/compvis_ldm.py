@@ -101,9 +101,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with torch.serialization.safe_globals(stand_ins):
       checkpoint = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001  (corrupt, foreign objects, not a torch file: one advice)
-    detail = str(e).split(UNPICKLER_DETAIL)[
-      -1
-    ]  # torch's own advice (weights_only=False) precedes it.
+    # torch's own advice (weights_only=False) precedes the unpickler's detail: keep the detail.
+    detail = str(e).split(UNPICKLER_DETAIL)[-1]
     reason = f"{type(e).__name__}: {' '.join(detail.split())}"[:REASON_CHARS]
     raise ConversionError(f"torch could not read {path} ({reason}); expected {EXPECTED}") from e
   state_dict = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None

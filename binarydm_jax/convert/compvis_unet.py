@@ -23,6 +23,7 @@ another model than the config names fails with one message listing the tensors t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +35,7 @@ import numpy as np
 from binarydm_jax.convert.diffusers_unet import (
   LEAF_NAMES,
   ConversionError,
+  add_names,
   convert_tensors,
   split_legacy_qkv,
 )
@@ -98,9 +100,7 @@ def _layout(model_config: ml_collections.ConfigDict) -> _Layout:
   def has_attn(level: int) -> bool:
     return model_config.image_size // 2**level in model_config.attn_resolutions
 
-  def add(ours: tuple[str, ...], theirs: str, names: Mapping[tuple[str, ...], str]) -> None:
-    for sub, name in names.items():
-      table[ours + sub] = f"{theirs}.{name}"
+  add = functools.partial(add_names, table)
 
   def add_block(ours: str, theirs: str, level: int) -> None:
     """A ResBlock `{theirs}.0` and, at an attention resolution, its attention `{theirs}.1`."""

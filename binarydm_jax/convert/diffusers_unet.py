@@ -15,6 +15,7 @@ torch is not a dependency of the library: it is imported only to read `.bin` pic
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -299,6 +300,17 @@ def _resblock_updown(
   return kinds == {"resnet"}
 
 
+def add_names(
+  table: dict[tuple[str, ...], str],
+  ours: tuple[str, ...],
+  theirs: str,
+  names: Mapping[tuple[str, ...], str],
+) -> None:
+  """Adds `ours + sub -> theirs.name` to `table` for each sub-module of `names` (RESNET_NAMES...)."""
+  for sub, name in names.items():
+    table[ours + sub] = f"{theirs}.{name}"
+
+
 def _module_table(model_config: ml_collections.ConfigDict) -> dict[tuple[str, ...], str]:
   """Our module paths -> diffusers module names, for every module the architecture may contain."""
   table: dict[tuple[str, ...], str] = {
@@ -309,10 +321,7 @@ def _module_table(model_config: ml_collections.ConfigDict) -> dict[tuple[str, ..
     ("conv_out",): "conv_out",
   }
 
-  def add(ours: tuple[str, ...], theirs: str, names: Mapping[tuple[str, ...], str]) -> None:
-    for sub, name in names.items():
-      table[ours + sub] = f"{theirs}.{name}"
-
+  add = functools.partial(add_names, table)
   levels = len(model_config.ch_mult)
   n = model_config.num_res_blocks
   updown = model_config.get("resblock_updown", False)

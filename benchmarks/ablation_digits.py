@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from clu import metric_writers
 
 from binarydm_jax import diffusion, evaluate, qat, sharding
+from binarydm_jax import switch as switch_lib
 from binarydm_jax.config_validation import ConfigError, validate_config
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.job import Job
@@ -61,8 +62,8 @@ flags.DEFINE_integer(
 flags.DEFINE_bool(
   "switch_fid",
   True,
-  "EBB runs: also score the two-basis student of the switch step S and the single-basis one "
-  "that step S + 1 starts from (EMA restarted), and record the switch report.",
+  "EBB runs: also score the two-basis student of the switch step S (EMA, raw, EMA collapsed) "
+  "and the single-basis one that step S + 1 starts from, and record the switch report.",
 )
 flags.DEFINE_integer(
   "switch_num_samples",
@@ -95,8 +96,10 @@ def run_one(job: Job, teacher_params) -> dict[str, float]:
 
   With --raw_params also `fid_raw`: the same student's final non-averaged params; with
   --fid_every also `fid_curve`: {step: FID of the EMA params} along the run; with --switch_fid
-  and EBB also `switch`: the switch report of `qat.switch_transition` plus `fid_two_basis` (EMA
-  params at step S) and `fid_collapsed` (at step S + 1: sigma_II = 0, EMA restarted).
+  and EBB also `switch`: the switch report of `qat.switch_transition` plus, at step S, the
+  two-basis student's `fid_two_basis` (EMA params), `fid_two_basis_raw` (raw params) and
+  `fid_collapsed_ema` (its EMA with sigma_II = 0), and `fid_collapsed` (step S + 1: sigma_II = 0;
+  with the EMA restart, the raw single-basis params).
   """
   config = job.config
   with tempfile.TemporaryDirectory() as workdir:
@@ -127,10 +130,22 @@ def run_one(job: Job, teacher_params) -> dict[str, float]:
           curve[str(step)] = fid(state.ema_params)
           logging.info("ablation: step %d, digits-FID %.1f", step, curve[str(step)])
         if score_switch and step in (settings.switch_step, settings.switch_step + 1):
-          key = "fid_two_basis" if step == settings.switch_step else "fid_collapsed"
-          switch[key] = fid(state.ema_params, FLAGS.switch_num_samples)
+          # Step S: the two-basis student, EMA and raw, and its EMA collapsed (sigma_II = 0, what
+          # the EMA would carry on from without the restart); step S + 1: the student after the
+          # switch update (with the restart its EMA is the raw single-basis params).
+          students = (
+            {
+              "fid_two_basis": state.ema_params,
+              "fid_two_basis_raw": state.params,
+              "fid_collapsed_ema": switch_lib.collapse(state.ema_params),
+            }
+            if step == settings.switch_step
+            else {"fid_collapsed": state.ema_params}
+          )
+          for key, params in students.items():
+            switch[key] = fid(params, FLAGS.switch_num_samples)
+            logging.info("ablation: switch, step %d, %s %.1f", step, key, switch[key])
           switch["num_samples"] = FLAGS.switch_num_samples
-          logging.info("ablation: switch, step %d, %s %.1f", step, key, switch[key])
 
       return on_sample
 
@@ -291,18 +306,24 @@ def print_table(results: list[dict], bits: list[str], methods: list[str]) -> Non
 def print_seed_table(runs: list[dict], bits: str, methods: list[str]) -> None:
   """One bit-width's runs: a row per method with its FID per seed, their mean ± std, the
   mean ± std at each mid-run step that was scored (`--fid_every`) and, for runs with a switch
-  record, at the switch: the two-basis student of step S, the single-basis one of step S + 1 and
-  mean|sigma_II| / mean|sigma_I| at S."""
+  record, at the switch: the two-basis student of step S (EMA, raw, EMA collapsed), the
+  single-basis one of step S + 1 and mean|sigma_II| / mean|sigma_I| at S."""
   if not runs:
     return
   seeds = sorted({r["seed"] for r in runs})
   steps = sorted({int(step) for r in runs for step in r.get("fid_curve", {})})
   print(f"\n{bits}, digits-FID per seed (EMA params):")
   columns = [f"seed {s}" for s in seeds] + ["mean ± std"] + [f"at step {s}" for s in steps]
-  switch_keys = ["fid_two_basis", "fid_collapsed", "sigma_II_over_sigma_I"]
+  switch_columns = {
+    "fid_two_basis": "switch: 2-basis EMA (S)",
+    "fid_two_basis_raw": "2-basis raw (S)",
+    "fid_collapsed_ema": "EMA collapsed (S)",
+    "fid_collapsed": "1-basis (S+1)",
+    "sigma_II_over_sigma_I": "σII/σI at S",
+  }
   has_switch = any("switch" in r for r in runs)
   if has_switch:
-    columns += ["switch: 2-basis (S)", "switch: 1-basis (S+1)", "σII/σI at S"]
+    columns += list(switch_columns.values())
   print("| method | " + " | ".join(columns) + " |")
   print("|---|" + "---|" * len(columns))
   for name in methods:
@@ -317,7 +338,7 @@ def print_seed_table(runs: list[dict], bits: str, methods: list[str]) -> None:
         _mean_std([r["fid_curve"][str(step)] for r in rows if str(step) in r.get("fid_curve", {})])
       )
     if has_switch:
-      for key in switch_keys:
+      for key in switch_columns:
         values = [r["switch"][key] for r in rows if key in r.get("switch", {})]
         cells.append(_mean_std(values, digits=2 if key.startswith("sigma") else 1))
     print(f"| {name} | " + " | ".join(cells) + " |")

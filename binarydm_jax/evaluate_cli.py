@@ -36,7 +36,7 @@ from binarydm_jax.score import (
   REFS,
   check_samples,
   cifar10_train_images,
-  images_reference_label,
+  reference_cache_label,
   score_against_reference,
   score_digits,
 )
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> None:
       extractor = inception.load_inception(_INCEPTION.value, allow_other_weights=_ALLOW_OTHER.value)
       result = score_against_reference(
         images,
-        "cifar10" if _REF.value == "cifar10" else images_reference_label(_REF_NPZ.value),
+        reference_cache_label(_REF.value, _REF_NPZ.value),
         extractor,
         lambda: _reference_images(_REF_NPZ.value, _DATA_DIR.value, _REF.value),
         _CACHE_DIR.value,

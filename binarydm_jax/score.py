@@ -81,9 +81,11 @@ def cifar10_train_images(data_dir: str | None) -> np.ndarray:
   return sampling.to_uint8(load_dataset(data).train)
 
 
-def images_reference_label(path: str | os.PathLike | None) -> str:
-  """The reference cache's dataset name of `--ref=images`: 'images_' + a hash of the real images'
-  files (an .npz or a shard directory), so that two sets of real images never share an entry."""
+def reference_cache_label(ref: str, path: str | os.PathLike | None) -> str:
+  """The reference cache's dataset name of `--ref`: 'cifar10', or 'images_' + a hash of the real
+  images' files (an .npz or a shard directory), so that two sets of real images never share one."""
+  if ref == "cifar10":
+    return "cifar10"
   if not path:
     raise SamplesError("--ref=images needs the real images: pass --ref_npz=REAL.npz (arr_0: uint8)")
   root = epath.Path(path)

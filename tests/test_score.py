@@ -12,7 +12,7 @@ from binarydm_jax.evaluation import inception, reference
 from binarydm_jax.evaluation.metrics import fid
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.sample_shards import SamplesError, load_samples
-from binarydm_jax.score import check_samples, images_reference_label, score_inception
+from binarydm_jax.score import check_samples, reference_cache_label, score_inception
 from binarydm_jax.train_state import create_train_state
 from tests.test_export import one_line, run_module, save_stage, tiny_config
 
@@ -130,7 +130,7 @@ def test_cifar10_cli_end_to_end(weights_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   again = json.loads((tmp_path / "b.json").read_text())
   assert again["fid"] == pytest.approx(scores["fid"]) and again["ref"] == "images"
-  label = images_reference_label(str(tmp_path / "real.npz"))
+  label = reference_cache_label("images", str(tmp_path / "real.npz"))
   assert again["reference"]["dataset"] == label
   assert (tmp_path / "cache" / f"ref_{label}_inception_2015_12_05_abababab.npz").is_file()
 
@@ -139,14 +139,15 @@ def test_images_reference_is_named_by_the_real_images_content(tmp_path):
   """--ref=images caches by a hash of --ref_npz's files: other images, another cache entry."""
   for name, seed in [("a.npz", 0), ("b.npz", 0), ("c.npz", 1)]:
     np.savez(tmp_path / name, arr_0=images(seed))
-  label = images_reference_label
-  assert label(str(tmp_path / "a.npz")).startswith("images_")
-  assert label(str(tmp_path / "a.npz")) == label(str(tmp_path / "b.npz"))
-  assert label(str(tmp_path / "a.npz")) != label(str(tmp_path / "c.npz"))
+  label = reference_cache_label
+  assert label("images", str(tmp_path / "a.npz")).startswith("images_")
+  assert label("images", str(tmp_path / "a.npz")) == label("images", str(tmp_path / "b.npz"))
+  assert label("images", str(tmp_path / "a.npz")) != label("images", str(tmp_path / "c.npz"))
+  assert label("cifar10", None) == label("cifar10", str(tmp_path / "a.npz")) == "cifar10"
   with pytest.raises(SamplesError, match="--ref=images needs the real images: pass --ref_npz"):
-    label(None)
+    label("images", None)
   with pytest.raises(SamplesError, match="does not exist"):
-    label(str(tmp_path / "missing.npz"))
+    label("images", str(tmp_path / "missing.npz"))
 
 
 @pytest.mark.slow

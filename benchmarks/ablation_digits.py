@@ -20,7 +20,6 @@ import ast
 import dataclasses
 import json
 import os
-import subprocess
 import tempfile
 import time
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 from absl import app, flags, logging
 from clu import metric_writers
 
+from benchmarks.common import code_version
 from binarydm_jax import diffusion, evaluate, qat, sharding
 from binarydm_jax import switch as switch_lib
 from binarydm_jax.config_validation import ConfigError, validate_config
@@ -236,28 +236,6 @@ def grid_configs(base, bits: list[str], methods: list[str], seeds: list[int]) ->
           raise app.UsageError(str(e)) from e
         grid.append(((b, name, seed), config))
   return grid
-
-
-def code_version() -> str | None:
-  """The repository's commit (short hash, '+dirty' with uncommitted changes), or None outside git.
-
-  1-bit runs are chaotic under float-level changes, so a per-seed FID belongs to one code version.
-  """
-  here = os.path.dirname(os.path.abspath(__file__))
-  try:
-    commit = subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-      ["git", "status", "--porcelain", "--", "binarydm_jax", "configs", "benchmarks/*.py"],
-      cwd=here,
-      capture_output=True,
-      text=True,
-      check=True,
-    ).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
-  return commit + ("+dirty" if dirty else "")
 
 
 def load_results(path: str) -> dict:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
 from typing import Any
 
 import jax
@@ -44,3 +46,25 @@ def write_json(path: str | None, result: dict[str, Any]) -> None:
   if path:
     with open(path, "w") as f:
       json.dump(result, f, indent=2)
+
+
+def code_version() -> str | None:
+  """The repository's commit (short hash, '+dirty' with uncommitted changes), or None outside git.
+
+  1-bit runs are chaotic under float-level changes, so a per-seed FID belongs to one code version.
+  """
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    commit = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      ["git", "status", "--porcelain", "--", "binarydm_jax", "configs", "benchmarks/*.py"],
+      cwd=here,
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit + ("+dirty" if dirty else "")

@@ -225,6 +225,13 @@ def _validate_qat(config: ml_collections.ConfigDict) -> None:
   for key in ("num_steps", "warmup_steps"):
     _check(config, f"qat.{key}", _non_negative_int, "a non-negative int")
   _check(config, "qat.learning_rate", lambda v: v > 0, "a positive float")
+  _check(
+    config,
+    "qat.act_learning_rate",
+    lambda v: v == -1 or v > 0,
+    "-1 (qat.learning_rate) or > 0",
+    default=-1.0,
+  )
   _check(config, "qat.lr_schedule", *_one_of(LR_SCHEDULES))
   _check(config, "qat.weight_decay", lambda v: v >= 0, "a float >= 0")
   _check(config, "qat.ema_decay", lambda v: 0.0 <= v < 1.0, "a decay in [0, 1)")

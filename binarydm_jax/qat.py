@@ -16,6 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers
@@ -28,6 +29,7 @@ from binarydm_jax.input_pipeline import ImageDataset
 from binarydm_jax.job import Job
 from binarydm_jax.loop import Stage, run_stage
 from binarydm_jax.quant import (
+  FP_WEIGHT_PRESETS,
   PRESETS,
   binarize,
   multi_basis_configured,
@@ -99,7 +101,9 @@ def student_policy(
   if not settings.ebb:
     quant_config.head_tail_bases = quant_config.body_bases
   try:
-    return policy_from_config(quant_config, model, image_shape)
+    return policy_from_config(
+      quant_config, model, image_shape, num_timesteps=config.diffusion.num_timesteps
+    )
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -109,8 +113,9 @@ def describe_student(config: ml_collections.ConfigDict) -> dict[str, Any]:
   settings = resolve_settings(config.qat, config.quant)
   quant = config.quant
   act_bits = quant.act_bits if quant.act_bits != -1 else PRESETS[quant.preset][0]
+  weight_bits = 32 if quant.preset in ("fp", *FP_WEIGHT_PRESETS) else 1
   return {
-    "bits": "W32A32" if quant.preset == "fp" else f"W1A{act_bits}",
+    "bits": "W32A32" if quant.preset == "fp" else f"W{weight_bits}A{act_bits}",
     "method": config.qat.method,
     "ebb": settings.ebb,
     "lrm": settings.lrm,
@@ -240,6 +245,28 @@ def noised_batches(
   return out
 
 
+def calibration_batch(
+  dataset: ImageDataset,
+  schedule: diffusion.Schedule,
+  mesh: Mesh,
+  count: int,
+  batch_size: int,
+) -> tuple[jax.Array, jax.Array]:
+  """`count` batches of real training data as one (x_t, t), at timesteps spread evenly over 0..T-1.
+
+  The calibration data of the activation steps: every timestep range is represented (a random t
+  per sample leaves ranges empty, which timestep-grouped steps cannot fit).
+  """
+  x0 = np.concatenate([dataset.batch(i, batch_size) for i in range(count)])  # This process's.
+  num = len(x0)
+  rng = np.random.default_rng([CALIBRATION_SEED, jax.process_index()])
+  t = ((np.arange(num) + rng.uniform(size=num)) * schedule.num_timesteps / num).astype(np.int32)
+  t = rng.permutation(t)
+  noise = rng.standard_normal(x0.shape).astype(np.float32)
+  x_t = np.asarray(diffusion.q_sample(schedule, jnp.asarray(x0), jnp.asarray(t), noise))
+  return sharding.global_batch(x_t, mesh), sharding.global_batch(t, mesh)
+
+
 def fit_lrm_projections(
   teacher: nn.Module, teacher_params: Any, batches, qat_config: ml_collections.ConfigDict
 ) -> dict[str, jax.Array]:
@@ -267,10 +294,13 @@ def init_qat_state(
   config: ml_collections.ConfigDict,
   settings: QATSettings,
   mesh: Mesh,
+  calibration: tuple[jax.Array, jax.Array] | None = None,
 ) -> QATState:
-  """Student params from the teacher (binarize + calibration), LRM projections, optimizer state."""
-  x_t, t = batches[0]
-  params = binarize(teacher_params, policy, (x_t, t), model=teacher)
+  """Student params from the teacher (binarize + calibration), LRM projections, optimizer state.
+
+  `calibration` (x_t, t) calibrates the activation steps; None = the first of `batches`.
+  """
+  params = binarize(teacher_params, policy, calibration or batches[0], model=teacher)
   projections = (
     fit_lrm_projections(teacher, teacher_params, batches, config.qat) if settings.lrm else {}
   )
@@ -297,7 +327,8 @@ class Student:
   state: QATState
   step: Any  # (state, teacher_params, batch) -> (state, metrics), compiled on the mesh.
   settings: QATSettings
-  batches: list[tuple[jax.Array, jax.Array]]  # The calibration / PCA batches (x_t, t).
+  batches: list[tuple[jax.Array, jax.Array]]  # The PCA batches (x_t, t), also the switch's.
+  calibration: tuple[jax.Array, jax.Array]  # What calibrates the activation steps (x_t, t).
 
 
 def make_student(
@@ -323,8 +354,11 @@ def make_student(
   batches = noised_batches(
     dataset, schedule, mesh, max(config.qat.lrm_num_batches, 1), config.qat.batch_size
   )
+  calibration = calibration_batch(
+    dataset, schedule, mesh, config.quant.get("calib_batches", 1), config.qat.batch_size
+  )
   state = init_qat_state(
-    student, teacher, teacher_params, policy, tx, batches, config, settings, mesh
+    student, teacher, teacher_params, policy, tx, batches, config, settings, mesh, calibration
   )
   step = jit_qat_step(
     make_qat_step(student, teacher, schedule, tx, lr, qat_config, settings),
@@ -332,7 +366,14 @@ def make_student(
     state,
     teacher_params,
   )
-  return Student(model=student, state=state, step=step, settings=settings, batches=batches)
+  return Student(
+    model=student,
+    state=state,
+    step=step,
+    settings=settings,
+    batches=batches,
+    calibration=calibration,
+  )
 
 
 def switch_transition(
@@ -366,7 +407,7 @@ def switch_transition(
     }
     if qat_config.switch_handover != "none":
       params = switch.handover(
-        student.model, two_basis, student.batches, qat_config.switch_handover
+        student.model, two_basis, [student.calibration], qat_config.switch_handover
       )
       report["block_change_handover"] = switch.block_change(
         student.model, two_basis, params, student.batches

@@ -106,20 +106,34 @@ def learning_rate_schedule(
   return optax.join_schedules([warmup, decay], [switch_step])
 
 
+def act_learning_rate(
+  qat_config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule
+) -> optax.ScalarOrSchedule:
+  """The rate of the activation quantizers' params: `learning_rate` scaled to
+  `qat.act_learning_rate` (-1: the same rate)."""
+  act = qat_config.get("act_learning_rate", -1.0)
+  if act == -1:
+    return learning_rate
+  ratio = act / qat_config.learning_rate
+  if callable(learning_rate):
+    return lambda step: ratio * learning_rate(step)
+  return ratio * learning_rate
+
+
 def make_qat_optimizer(
   qat_config: ml_collections.ConfigDict, learning_rate: optax.ScalarOrSchedule
 ) -> optax.GradientTransformation:
   """clip_by_global_norm -> optax.partition (alias multi_transform) over the param groups."""
 
-  def adam():
+  def adam(rate: optax.ScalarOrSchedule = learning_rate):
     return optax.adamw(
-      learning_rate, b1=qat_config.b1, b2=qat_config.b2, weight_decay=qat_config.weight_decay
+      rate, b1=qat_config.b1, b2=qat_config.b2, weight_decay=qat_config.weight_decay
     )
 
   transforms = {
     "kernel": adam(),
     "scale_first": adam(),
-    "act_quant": adam(),
+    "act_quant": adam(act_learning_rate(qat_config, learning_rate)),
     "other": adam(),
     "scale_higher": evolve_higher_scales(
       adam(), qat_config.switch_step, qat_config.ebb_form, qat_config.ebb_target_ratio

@@ -58,9 +58,14 @@ def load(
   trained = (workdir.load_student if which == "student" else workdir.load_teacher_stage)(
     workdir_path
   )
+  return from_trained(f"{which} of {workdir_path} (step {trained.step})", trained)
+
+
+def from_trained(name: str, trained: workdir.TrainedModel) -> Sampleable:
+  """A model read back from a workdir, to sample."""
   config = trained.config
   return Sampleable(
-    f"{which} of {workdir_path} (step {trained.step})",
+    name,
     trained.model,
     trained.params,
     workdir.image_shape(config),

@@ -95,10 +95,11 @@ def upscale(images: np.ndarray, min_size: int) -> np.ndarray:
   return images.repeat(factor, axis=1).repeat(factor, axis=2)
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-  """Tiles NHWC images in [-1, 1] into one square-ish uint8 grid (H', W', C) with 1px borders."""
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+  """Tiles NHWC images in [-1, 1] into one uint8 grid (H', W', C) with 1px borders: `columns`
+  images a row (default: a square-ish grid)."""
   n, h, w, c = images.shape
-  cols = math.ceil(math.sqrt(n))
+  cols = columns or math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)
   grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
   pixels = to_uint8(images)

@@ -92,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
   qat.batch_size = 64  # Global QAT batch (paper, CIFAR-10: 64).
   qat.learning_rate = 2e-5  # A tenth of DDPM's 2e-4 (paper: 1/10 to 1/100 of the FP rate).
   qat.warmup_steps = 0  # Linear warmup of the QAT learning rate.
+  # Rate of the activation steps, offsets and bias corrections (same schedule, scaled); -1 = the
+  # learning_rate above.
+  qat.act_learning_rate = -1.0
   # 'constant' (released code; the paper states none) or 'cosine_stage2': constant until the EBB
   # switch (half the steps without EBB), then a cosine to 0 at num_steps.
   qat.lr_schedule = "constant"

@@ -11,6 +11,7 @@ import pytest
 from absl import app
 
 from benchmarks import ablation_digits as ablation
+from benchmarks import common
 from configs import digits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_code_version_names_the_checkout_commit():
   head = subprocess.run(
     ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
   ).stdout.strip()
-  assert re.fullmatch(re.escape(head) + r"(\+dirty)?", ablation.code_version())
+  assert re.fullmatch(re.escape(head) + r"(\+dirty)?", common.code_version())
 
 
 def test_report_merges_workers_into_means_and_per_seed_rows(capsys):

@@ -491,3 +491,38 @@ def test_throughput_benchmark_samples_the_int8_export(tmp_path):
   teacher_bytes = 4 * count_params(param_shapes(unet_from_config(config.model), (16, 16, 1)))
   assert measured["size_saving"] == round(teacher_bytes / measured["export_bytes"], 3)
   assert f"size_saving {measured['size_saving']}x" in result.stdout
+
+
+def test_an_export_carries_the_activation_quantizers(tmp_path):
+  """Timestep-grouped offset grids, split skip inputs and bias corrections: the export reproduces
+  the student (float and int8 paths), and its manifest names each layer's quantizer."""
+  config = tiny_config(
+    act_quantizer="asymmetric", act_t_groups=4, act_split=True, bias_correction=True
+  )
+  params = random_student(config)
+  manifest = export_student((config, params), tmp_path / "export")
+  rows = {row["layer"]: row for row in layout.rows_from_table(manifest["policy"])}
+  skip = rows["output_blocks_0/res/skip"]
+  assert (skip["act_t_groups"], skip["act_split"], skip["bias_correction"]) == (4, True, True)
+  model, exported, _ = load_export(tmp_path / "export")
+  assert exported["output_blocks_0"]["res"]["skip"]["act_offset"].shape == (4, 2)
+  eps, samples = outputs(model, exported, config)
+  ref_eps, ref_samples = outputs(workdir.student_model(config), params, config)
+  np.testing.assert_allclose(eps, ref_eps, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(samples, ref_samples, rtol=1e-5, atol=1e-5)
+  int8_model, int8_params, _ = load_export(tmp_path / "export", inference="int8")
+  x, t = inputs(config)
+  np.testing.assert_allclose(
+    int8_model.apply({"params": int8_params}, x, t), ref_eps, rtol=1e-4, atol=1e-4
+  )
+
+
+def test_a_manifest_without_the_newer_policy_columns_reads_as_before():
+  columns = list(layout.POLICY_COLUMNS[:7])
+  table = {
+    "columns": columns + ["bytes"],
+    "rows": [["a/conv", [3, 3, 1, 2], "binary", 1, 32, 4, "signed", 9]],
+  }
+  (row,) = layout.rows_from_table(table)
+  assert (row["act_t_groups"], row["act_split"], row["bias_correction"]) == (1, False, False)
+  assert layout.policy_from_rows([row]).resolve("a/conv").act_t_groups == 1

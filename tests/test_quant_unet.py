@@ -62,8 +62,8 @@ def _recording_quantize_input(calls):
   """
   quantize = layers.quantize_input
 
-  def record(module, x, spec):
-    x_q = quantize(module, x, spec)
+  def record(module, x, spec, input_split=None):
+    x_q = quantize(module, x, spec, input_split)
     if spec.quantizes_activations:
       module.sow(RECORD, "x", x)
       module.sow(RECORD, "x_q", x_q)

@@ -117,6 +117,10 @@ class DigitsFeatureExtractor:
     """
     return self._run(images)[0]
 
+  def predict(self, images: np.ndarray) -> np.ndarray:
+    """The predicted digit (0..9) of each image (NHWC, C=1, values in [-1, 1])."""
+    return self._run(images)[1].argmax(axis=-1)
+
   def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of `images` whose predicted class equals `labels`.
 
@@ -127,8 +131,7 @@ class DigitsFeatureExtractor:
     Returns:
       The accuracy in [0, 1].
     """
-    predictions = self._run(images)[1].argmax(axis=-1)
-    return float(np.mean(predictions == np.asarray(labels)))
+    return float(np.mean(self.predict(images) == np.asarray(labels)))
 
   def _run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Features and logits, in fixed-size (padded) batches to compile once."""

@@ -30,13 +30,20 @@ from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import with_policy
 from binarydm_jax.quant.int8 import check_inference
 from binarydm_jax.quant.params import scale_index
-from binarydm_jax.quant.policy import BINARY, INT, LayerRow, QuantPolicy, QuantRule
+from binarydm_jax.quant.policy import (
+  BINARY,
+  DEFAULT_NUM_TIMESTEPS,
+  INT,
+  LayerRow,
+  QuantPolicy,
+  QuantRule,
+)
 from binarydm_jax.quant.weight_binarizer import int_weight_scale
 
 from .packing import num_words, pack_signs, unpack_signs
 
 SIGNS, INT8, QUANT, FP = "signs", "int8", "quant", "fp"
-_ACT_LEAVES = ("act_step", "act_offset")
+_ACT_LEAVES = ("act_step", "act_offset", "bias_correction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +64,12 @@ POLICY_COLUMNS = (
   "weight_bits",
   "act_bits",
   "act_quantizer",
+  "act_t_groups",
+  "act_split",
+  "bias_correction",
 )
+# Columns a manifest written before they existed lacks, with the value they then had.
+POLICY_DEFAULTS = {"act_t_groups": 1, "act_split": False, "bias_correction": False}
 
 
 def policy_rows(rows: Sequence[LayerRow]) -> list[dict[str, Any]]:
@@ -71,6 +83,9 @@ def policy_rows(rows: Sequence[LayerRow]) -> list[dict[str, Any]]:
       "weight_bits": q.weight_bits,
       "act_bits": q.act_bits,
       "act_quantizer": q.act_quantizer,
+      "act_t_groups": q.act_t_groups,
+      "act_split": q.act_split,
+      "bias_correction": q.bias_correction,
     }
     for path, shape, q in rows
   ]
@@ -86,12 +101,14 @@ def policy_table(rows: Sequence[Mapping[str, Any]], kernel_bytes: Mapping[str, i
 
 
 def rows_from_table(table: Mapping[str, Any]) -> list[dict[str, Any]]:
-  """The per-layer policy dicts of the manifest's `policy` table."""
-  return [dict(zip(table["columns"], row, strict=True)) for row in table["rows"]]
+  """The per-layer policy dicts of the manifest's `policy` table (older columns defaulted)."""
+  return [POLICY_DEFAULTS | dict(zip(table["columns"], row, strict=True)) for row in table["rows"]]
 
 
-def policy_from_rows(rows: Sequence[Mapping[str, Any]]) -> QuantPolicy:
-  """A policy with one exact-path rule per layer of the manifest's table."""
+def policy_from_rows(
+  rows: Sequence[Mapping[str, Any]], num_timesteps: int = DEFAULT_NUM_TIMESTEPS
+) -> QuantPolicy:
+  """A policy with one exact-path rule per layer of the manifest's table, for T timesteps."""
   rules = [
     QuantRule(
       re.escape(row["layer"]),
@@ -100,16 +117,24 @@ def policy_from_rows(rows: Sequence[Mapping[str, Any]]) -> QuantPolicy:
       act_bits=row["act_bits"],
       act_quantizer=row["act_quantizer"],
       weight_bits=row["weight_bits"] if row["treatment"] == INT else 8,
+      act_t_groups=row["act_t_groups"],
+      act_split=row["act_split"],
+      bias_correction=row["bias_correction"],
     )
     for row in rows
   ]
   return QuantPolicy(
-    tuple(rules), layers=tuple((r["layer"], tuple(r["kernel_shape"])) for r in rows)
+    tuple(rules),
+    layers=tuple((r["layer"], tuple(r["kernel_shape"])) for r in rows),
+    num_timesteps=num_timesteps,
   )
 
 
 def student_model(
-  model_config: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], inference: str = "float"
+  model_config: Mapping[str, Any],
+  rows: Sequence[Mapping[str, Any]],
+  inference: str = "float",
+  num_timesteps: int = DEFAULT_NUM_TIMESTEPS,
 ) -> nn.Module:
   """The quantized UNet of an export: `with_policy(unet_from_config(model), policy of rows)`.
 
@@ -118,10 +143,11 @@ def student_model(
     rows: the per-layer policy table (`policy_rows`).
     inference: how the quantized layers compute: 'float' (the fake-quant forward) or 'int8'
       (int8 signs x int8 LSQ codes, int32 accumulation: `quant.int8`).
+    num_timesteps: T of the diffusion (what timestep-grouped steps divide).
   """
   check_inference(inference)
   model = unet_from_config(ml_collections.ConfigDict(dict(model_config)))
-  return with_policy(model, policy_from_rows(rows), inference)
+  return with_policy(model, policy_from_rows(rows, num_timesteps), inference)
 
 
 def _kind(name: str, treatment: str | None, where: str) -> str:

@@ -53,8 +53,9 @@ def load_export(
   export_dir = epath.Path(export_dir)
   info = manifest.read(export_dir)
   rows = layout.rows_from_table(info["policy"])
+  num_timesteps = info["diffusion"]["num_timesteps"]
   try:
-    model = layout.student_model(info["model"], rows, inference)
+    model = layout.student_model(info["model"], rows, inference, num_timesteps)
   except ValueError as e:
     raise ExportError(f"{export_dir}: {e}") from e
   data = info["data"]
@@ -66,5 +67,5 @@ def load_export(
     raise ExportError(f"{export_dir}: {e}") from e
   params = jax.tree.map(jnp.asarray, params)
   if inference == INT8:
-    params = int8_params(params, layout.policy_from_rows(rows))
+    params = int8_params(params, layout.policy_from_rows(rows, num_timesteps))
   return model, params, info

@@ -119,7 +119,7 @@ def export_student(
   params = _single_basis(jax.device_get(unwrap_params(params)))
   policy = model.layers.policy  # `layers` holds every layer's (path, kernel shape).
   rows = layout.policy_rows([(path, shape, policy.resolve(path)) for path, shape in policy.layers])
-  student = layout.student_model(config.model, rows)
+  student = layout.student_model(config.model, rows, num_timesteps=policy.num_timesteps)
   expected = jax.tree.map(lambda a: a.shape, param_shapes(student, image_shape))
   if jax.tree.map(np.shape, params) != expected:
     raise ExportError("the params do not fit the student of the config; pass the student's params")

@@ -55,8 +55,13 @@ class LayerFactory:
     padding: Padding = ((1, 1), (1, 1)),
     zero_init: bool = False,
     name: str | None = None,
+    input_split: int | None = None,
   ) -> nn.Module:
-    """A 2-D convolution on NHWC inputs with `kernel` (HWIO) and `bias` params."""
+    """A 2-D convolution on NHWC inputs with `kernel` (HWIO) and `bias` params.
+
+    `input_split`: the input concatenates two tensors, the first with this many channels (a
+    quantization policy may quantize the parts separately: `act_split`).
+    """
     kernel_init = nn.initializers.zeros if zero_init else default_kernel_init
     if self.policy is not None:
       return QuantConv(
@@ -68,6 +73,7 @@ class LayerFactory:
         kernel_init=kernel_init,
         policy=self.policy,
         inference=self.inference,
+        input_split=input_split,
         name=name,
       )
     return nn.Conv(

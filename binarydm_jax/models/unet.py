@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from binarydm_jax.models.layers import LayerFactory, timestep_embedding
+from binarydm_jax.quant.activations import timestep_scope
 
 BLOCK_OUTPUT_SUFFIX = "_out"
 DOWNSAMPLE_PADDINGS = {
@@ -73,7 +74,10 @@ class ResBlock(nn.Module):
   resample: str | None = None
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray | None, train: bool) -> jnp.ndarray:
+  def __call__(
+    self, x: jnp.ndarray, temb: jnp.ndarray | None, train: bool, skip_split: int | None = None
+  ) -> jnp.ndarray:
+    """`skip_split`: `x` concatenates two tensors, the first with this many channels."""
     if self.scale_shift and temb is None:
       raise ValueError("ResBlock(scale_shift=True) needs a timestep embedding; got temb=None")
     h = nn.swish(GroupNorm(self.norm_groups, self.norm_eps, name="norm_1")(x))
@@ -93,7 +97,9 @@ class ResBlock(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = self.layers.conv(self.out_ch, zero_init=True, name="conv_2")(h)
     if x.shape[-1] != self.out_ch:
-      x = self.layers.conv(self.out_ch, (1, 1), padding=((0, 0), (0, 0)), name="skip")(x)
+      x = self.layers.conv(
+        self.out_ch, (1, 1), padding=((0, 0), (0, 0)), name="skip", input_split=skip_split
+      )(x)
     return x + h
 
 
@@ -183,8 +189,11 @@ class ResAttnBlock(nn.Module):
   resblock_updown: bool = False
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
-    h = _res_block(self, self.out_ch, "res")(x, temb, train)
+  def __call__(
+    self, x: jnp.ndarray, temb: jnp.ndarray, train: bool, skip_split: int | None = None
+  ) -> jnp.ndarray:
+    """`skip_split`: `x` concatenates the decoder's features (this many channels) and a skip."""
+    h = _res_block(self, self.out_ch, "res")(x, temb, train, skip_split)
     if self.use_attn:
       h = _attn_block(self, "attn")(h)
     if self.upsample and self.resblock_updown:
@@ -245,6 +254,10 @@ class UNet(nn.Module):
         f"downsample_padding={self.downsample_padding!r}; expected one of "
         f"{sorted(DOWNSAMPLE_PADDINGS)}"
       )
+    with timestep_scope(t):  # Timestep-grouped activation quantizers read t (quant/activations).
+      return self._denoise(x, t, train)
+
+  def _denoise(self, x: jnp.ndarray, t: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = x.astype(self.layers.dtype)
     temb = timestep_embedding(t, self.ch, self.freq_shift, self.flip_sin_to_cos)
     temb = self.layers.dense(4 * self.ch, name="time_embed_0")(temb.astype(self.layers.dtype))
@@ -284,8 +297,9 @@ class UNet(nn.Module):
       for i in range(self.num_res_blocks + 1):
         name = f"output_blocks_{block}"
         upsample = level != 0 and i == self.num_res_blocks
+        split = h.shape[-1]
         h = jnp.concatenate([h, skips.pop()], axis=-1)
-        h = self._block(self.ch * mult, resolution, upsample, name)(h, temb, train)
+        h = self._block(self.ch * mult, resolution, upsample, name)(h, temb, train, split)
         self._sow_block(name, h)
         resolution *= 2 if upsample else 1
         block += 1

@@ -19,6 +19,7 @@ from binarydm_jax.quant.policy import (
   layer_paths,
 )
 from binarydm_jax.quant.presets import (
+  FP_WEIGHT_PRESETS,
   PRESETS,
   block_resolutions,
   default_quant_config,
@@ -32,6 +33,7 @@ from binarydm_jax.quant.weight_binarizer import binarize_kernel, init_scales, in
 
 __all__ = [
   "CALIB_COLLECTION",
+  "FP_WEIGHT_PRESETS",
   "FULL_PRECISION_POLICY",
   "INFERENCE_MODES",
   "PARAM_GROUPS",

@@ -22,7 +22,7 @@ from binarydm_jax.quant.params import scale_index
 from binarydm_jax.quant.policy import QuantPolicy
 from binarydm_jax.quant.weight_binarizer import init_scales
 
-_ACT_LEAVES = ("act_step", "act_offset")
+_ACT_LEAVES = ("act_step", "act_offset", "bias_correction")
 
 
 def with_policy(model: nn.Module, policy: QuantPolicy | None, inference: str = FLOAT) -> nn.Module:
@@ -85,7 +85,7 @@ def _merge(tree: Mapping[str, Any], calib: Mapping[str, Any], path: str) -> dict
 
 
 def calibrate(student: nn.Module, params: Mapping[str, Any], *inputs: jax.Array) -> dict[str, Any]:
-  """One forward pass that sets every `act_step`/`act_offset` from the layer's input statistics.
+  """One forward pass that sets every `act_step`/`act_offset`/`bias_correction` from the data.
 
   Layers are calibrated in network order within the pass: each layer's input already went
   through the quantized layers before it (with their freshly calibrated steps).

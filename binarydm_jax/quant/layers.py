@@ -31,11 +31,11 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
 
-from binarydm_jax.quant import int8, lsq
+from binarydm_jax.quant import activations, int8
 from binarydm_jax.quant.policy import BINARY, FULL_PRECISION, INT, LayerQuant, QuantPolicy
 from binarydm_jax.quant.weight_binarizer import binarize_kernel, init_scales, int_quantize_kernel
 
-CALIB_COLLECTION = "quant_calib"
+CALIB_COLLECTION = activations.CALIB_COLLECTION
 Padding = str | tuple[tuple[int, int], ...]
 
 
@@ -76,53 +76,38 @@ def quantize_kernel(module: nn.Module, kernel: jax.Array, spec: LayerQuant) -> j
   return kernel
 
 
-def act_quant_params(
-  module: nn.Module, x: jax.Array, spec: LayerQuant
-) -> tuple[jax.Array, jax.Array | None]:
-  """Creates `act_step` (and `act_offset` for LSQ+) of a quantized input; returns (step, offset).
-
-  The offset is None for signed LSQ. When calibrating, both come from `x` and are stored in the
-  `quant_calib` collection.
-  """
-  bits = spec.act_bits
-  calibrating = module.is_mutable_collection(CALIB_COLLECTION) and not module.is_initializing()
-  if spec.act_quantizer == lsq.SIGNED:
-    step = module.param("act_step", lambda _: lsq.calibrate_signed(x, bits))
-    if calibrating:
-      step = lsq.calibrate_signed(x, bits)
-      module.put_variable(CALIB_COLLECTION, "act_step", step)
-    return step, None
-  step = module.param("act_step", lambda _: lsq.calibrate_asymmetric(x, bits)[0])
-  offset = module.param("act_offset", lambda _: lsq.calibrate_asymmetric(x, bits)[1])
-  if calibrating:
-    step, offset = lsq.calibrate_asymmetric(x, bits)
-    module.put_variable(CALIB_COLLECTION, "act_step", step)
-    module.put_variable(CALIB_COLLECTION, "act_offset", offset)
-  return step, offset
+Linear = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
-def quantize_input(module: nn.Module, x: jax.Array, spec: LayerQuant) -> jax.Array:
-  """LSQ/LSQ+ fake quantization of a layer input; creates `act_step` (and `act_offset`)."""
+def quantize_input(
+  module: nn.Module, x: jax.Array, spec: LayerQuant, input_split: int | None = None
+) -> jax.Array:
+  """Fake quantization of a layer input by the spec (`quant/activations.py`); creates its params."""
   if not spec.quantizes_activations:
     return x
-  step, offset = act_quant_params(module, x, spec)
-  if offset is None:
-    return lsq.lsq_quantize(x, step, spec.act_bits)
-  return lsq.lsq_plus_quantize(x, step, offset, spec.act_bits)
+  x_q = activations.fake_quantize(x, activations.grids(module, x, spec, input_split), spec.act_bits)
+  activations.record_error(module, x, x_q)
+  return x_q
 
 
-def quantized_operands(
-  module: nn.Module, x: jax.Array, kernel_shape: tuple[int, ...]
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """Creates `kernel`/`bias`, quantizes kernel and input by the policy, casts all to `dtype`."""
+def quantized_forward(
+  module: nn.Module, x: jax.Array, kernel_shape: tuple[int, ...], linear: Linear
+) -> jax.Array:
+  """The float (fake-quant) path: kernel and input quantized by the policy, in `dtype`, + bias."""
   spec = _treatment(module)
   kernel, bias = _kernel_and_bias(module, kernel_shape)
   kernel = quantize_kernel(module, kernel, spec)
-  x = quantize_input(module, x, spec)
-  return promote_dtype(x, kernel, bias, dtype=module.dtype)
+  x_q = quantize_input(module, x, spec, getattr(module, "input_split", None))
+  x_q, kernel, bias = promote_dtype(x_q, kernel, bias, dtype=module.dtype)
+  y = linear(x_q, kernel, None)
+  if bias is not None:
+    y += bias.reshape((1,) * (y.ndim - 1) + (-1,))
 
+  def reference() -> jax.Array:  # The same layer on its unquantized input.
+    out = linear(promote_dtype(x, dtype=module.dtype)[0], kernel, None)
+    return out if bias is None else out + bias.reshape((1,) * (out.ndim - 1) + (-1,))
 
-Linear = Callable[[jax.Array, jax.Array, Any], jax.Array]
+  return activations.correct_bias(module, y, spec, reference)
 
 
 def int8_forward(
@@ -133,6 +118,9 @@ def int8_forward(
   ones_shape: tuple[int, ...],
 ) -> jax.Array:
   """The integer path of a layer for which `int8.runs_int8` holds (formulas in `quant/int8.py`).
+
+  Each part of the input (`act_split`) is convolved with its rows of the kernel's signs; steps and
+  offsets may differ per sample (timestep groups, 'dynamic').
 
   Args:
     module: the QuantConv/QuantDense; its params are those of the float path (`kernel` may be
@@ -148,15 +136,20 @@ def int8_forward(
   spec = _treatment(module)
   kernel, bias = _kernel_and_bias(module, kernel_shape)
   (scale,) = binary_scales(module, kernel, spec)
-  step, offset = act_quant_params(module, x, spec)
-  codes, s, shifted_offset = int8.input_codes(x, step, offset, spec.act_bits)
   signs = int8.kernel_signs(kernel)
-  y = linear(codes, signs, jnp.int32).astype(jnp.float32) * (s * scale)
-  if shifted_offset is not None:
-    ones = linear(jnp.ones(ones_shape, jnp.int8), signs, jnp.int32)
-    y = y + ones.astype(jnp.float32) * (shifted_offset * scale)
+  y = 0.0
+  for grid in activations.grids(module, x, spec, getattr(module, "input_split", None)):
+    codes, s, shifted_offset = int8.input_codes(
+      x[..., grid.part], grid.step, grid.offset, spec.act_bits
+    )
+    part_signs = signs[..., grid.part, :]
+    y = y + linear(codes, part_signs, jnp.int32).astype(jnp.float32) * (s * scale)
+    if shifted_offset is not None:
+      ones = linear(jnp.ones((*ones_shape[:-1], codes.shape[-1]), jnp.int8), part_signs, jnp.int32)
+      y = y + ones.astype(jnp.float32) * (shifted_offset * scale)
   if bias is not None:
     y = y + bias.astype(jnp.float32)
+  y = activations.correct_bias(module, y, spec, reference=None)  # Calibrated on the float path.
   return y.astype(module.dtype or jnp.float32)
 
 
@@ -175,6 +168,8 @@ class QuantConv(nn.Module):
     bias_init: initializer of the bias.
     policy: the quantization policy; None = full precision.
     inference: 'float' (fake quantization) or 'int8' (integer path where `int8.runs_int8`).
+    input_split: for an input that concatenates two tensors, the channels of the first (what
+      `act_split` splits at); None otherwise.
   """
 
   features: int
@@ -188,6 +183,7 @@ class QuantConv(nn.Module):
   bias_init: Any = nn.initializers.zeros_init()
   policy: QuantPolicy | None = None
   inference: str = int8.FLOAT
+  input_split: int | None = None
 
   def _conv(self, x: jax.Array, kernel: jax.Array, preferred_element_type: Any = None) -> jax.Array:
     return jax.lax.conv_general_dilated(
@@ -209,11 +205,7 @@ class QuantConv(nn.Module):
     kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
     if _uses_int8(self):
       return int8_forward(self, x, kernel_shape, self._conv, (1, *x.shape[1:]))
-    x, kernel, bias = quantized_operands(self, x, kernel_shape)
-    y = self._conv(x, kernel)
-    if bias is not None:
-      y += bias.reshape((1,) * (y.ndim - 1) + bias.shape)
-    return y
+    return quantized_forward(self, x, kernel_shape, self._conv)
 
 
 class QuantDense(nn.Module):
@@ -249,8 +241,4 @@ class QuantDense(nn.Module):
     kernel_shape = (x.shape[-1], self.features)
     if _uses_int8(self):
       return int8_forward(self, x, kernel_shape, self._dot, (1,) * (x.ndim - 1) + x.shape[-1:])
-    x, kernel, bias = quantized_operands(self, x, kernel_shape)
-    y = self._dot(x, kernel)
-    if bias is not None:
-      y += bias.reshape((1,) * (y.ndim - 1) + (-1,))
-    return y
+    return quantized_forward(self, x, kernel_shape, self._dot)

@@ -20,7 +20,7 @@ def param_group(path: Sequence[Any]) -> str:
 
   Returns:
     'kernel' (latent weights), 'scale_first' (sigma_1), 'scale_higher' (sigma_2, sigma_3, ...:
-    what the EBB regulariser drives to zero), 'act_quant' (act_step, act_offset) or 'other'
+    what the EBB regulariser drives to zero), 'act_quant' (act_step, act_offset, bias_correction) or 'other'
     (biases, GroupNorm scale/bias).
   """
   name = _key(path[-1])
@@ -29,7 +29,7 @@ def param_group(path: Sequence[Any]) -> str:
   index = scale_index(name)
   if index is not None:
     return "scale_first" if index == 1 else "scale_higher"
-  if name in ("act_step", "act_offset"):
+  if name in ("act_step", "act_offset", "bias_correction"):
     return "act_quant"
   return "other"
 

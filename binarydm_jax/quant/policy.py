@@ -6,8 +6,12 @@ and a layer that no rule matches stays full precision. Treatments:
   - 'fp': full-precision weights;
   - 'binary': weights binarized with `bases` binary bases (k = 1 plain, k >= 2 multi-basis EBB);
   - 'int': weights fake-quantized to `weight_bits` (the 8-bit boundary layers of the paper appendix).
-Independently, `act_bits` < 32 quantizes the layer's input with LSQ (`act_quantizer` 'signed', the
-paper's form, or 'asymmetric', LSQ+).
+Independently, `act_bits` < 32 quantizes the layer's input (`act_quantizer`: 'signed' LSQ, the
+paper's form; 'asymmetric', LSQ+'s offset grid; 'dynamic', a per-sample step computed on the fly, as
+the released code behaves), with steps initialised by `act_init` ('lsq' or 'mse'), one step per
+timestep group (`act_t_groups`), one per part of a concatenated input (`act_split`), and the
+expected quantization error removed from the output (`bias_correction`). README "Activation
+quantizers" says what each costs.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ from typing import Any
 
 from binarydm_jax.quant.lsq import (
   ACT_BITS_CHOICES,
+  ACT_INITS,
   ACT_QUANTIZERS,
   ASYMMETRIC,
+  DYNAMIC,
   FULL_PRECISION_BITS,
+  LSQ_INIT,
+  MSE_INIT,
   SIGNED,
 )
 
@@ -33,6 +41,7 @@ INT = "int"
 TREATMENTS = (FP, BINARY, INT)
 MAX_BASES = 3
 WEIGHT_BITS_CHOICES = tuple(range(2, 9))
+DEFAULT_NUM_TIMESTEPS = 1000
 
 
 def _is_int(value: Any) -> bool:
@@ -43,7 +52,7 @@ def check_rule_fields(fields: Mapping[str, Any], key: str) -> None:
   """Raises a one-line ValueError naming `key.field` for the first invalid rule field.
 
   Args:
-    fields: any subset of regex, treatment, bases, act_bits, act_quantizer, weight_bits.
+    fields: any subset of the `QuantRule` fields.
     key: prefix of the message, e.g. 'config.quant.rules[2]'.
   """
   checks = {
@@ -53,6 +62,10 @@ def check_rule_fields(fields: Mapping[str, Any], key: str) -> None:
     "act_bits": (lambda v: _is_int(v) and v in ACT_BITS_CHOICES, "one of 2..8 or 32"),
     "act_quantizer": (lambda v: v in ACT_QUANTIZERS, f"one of {', '.join(ACT_QUANTIZERS)}"),
     "weight_bits": (lambda v: _is_int(v) and v in WEIGHT_BITS_CHOICES, "one of 2..8"),
+    "act_init": (lambda v: v in ACT_INITS, f"one of {', '.join(ACT_INITS)}"),
+    "act_t_groups": (lambda v: _is_int(v) and v >= 1, "an integer >= 1 (1 = one step for all t)"),
+    "act_split": (lambda v: isinstance(v, bool), "True or False"),
+    "bias_correction": (lambda v: isinstance(v, bool), "True or False"),
   }
   for name, value in fields.items():
     if name not in checks:
@@ -79,7 +92,13 @@ class LayerQuant:
     bases: number of binary bases k (binary only).
     weight_bits: weight bits (int only; 32 otherwise).
     act_bits: input activation bits; 32 = not quantized.
-    act_quantizer: 'signed' (LSQ) or 'asymmetric' (LSQ+).
+    act_quantizer: 'signed' (LSQ), 'asymmetric' (LSQ+) or 'dynamic' (per-sample step).
+    act_init: how calibration sets the steps: 'lsq' (2 mean|x| / sqrt(Q_p); LSQ+: min..max) or
+      'mse' (searched for the least squared error).
+    act_t_groups: K: one step (and offset) per group of K equal ranges of the timestep.
+    act_split: one step per part of a concatenated input (the decoder's skip 1x1 convs).
+    bias_correction: subtract the output shift that input quantization causes on average (per
+      output channel and timestep group, measured at calibration).
   """
 
   treatment: str = FP
@@ -87,6 +106,10 @@ class LayerQuant:
   weight_bits: int = FULL_PRECISION_BITS
   act_bits: int = FULL_PRECISION_BITS
   act_quantizer: str = SIGNED
+  act_init: str = LSQ_INIT
+  act_t_groups: int = 1
+  act_split: bool = False
+  bias_correction: bool = False
 
   @property
   def quantizes_activations(self) -> bool:
@@ -105,8 +128,9 @@ class QuantRule:
     treatment: 'fp', 'binary' or 'int'.
     bases: binary bases k in 1..3 (used by 'binary').
     act_bits: input activation bits, one of 2..8 or 32 (32 = not quantized).
-    act_quantizer: 'signed' (the paper's LSQ) or 'asymmetric' (LSQ+).
+    act_quantizer: 'signed' (the paper's LSQ), 'asymmetric' (LSQ+) or 'dynamic'.
     weight_bits: weight bits in 2..8 (used by 'int').
+    act_init, act_t_groups, act_split, bias_correction: as in `LayerQuant`.
   """
 
   regex: str
@@ -115,6 +139,10 @@ class QuantRule:
   act_bits: int = 4
   act_quantizer: str = SIGNED
   weight_bits: int = 8
+  act_init: str = LSQ_INIT
+  act_t_groups: int = 1
+  act_split: bool = False
+  bias_correction: bool = False
 
   def __post_init__(self):
     check_rule_fields(dataclasses.asdict(self), "QuantRule")
@@ -131,6 +159,10 @@ class QuantRule:
       weight_bits=self.weight_bits if self.treatment == INT else FULL_PRECISION_BITS,
       act_bits=self.act_bits,
       act_quantizer=self.act_quantizer,
+      act_init=self.act_init,
+      act_t_groups=self.act_t_groups,
+      act_split=self.act_split,
+      bias_correction=self.bias_correction,
     )
 
 
@@ -151,10 +183,12 @@ class QuantPolicy:
     rules: tried in order; the first rule whose regex fully matches a layer path decides it.
     layers: (path, kernel shape) of the model's layers, when known (`policy_from_config` fills
       it); only used by `str(policy)` to print the per-layer table. Not part of equality/hash.
+    num_timesteps: T of the diffusion; `act_t_groups` split 0..T-1 into equal ranges.
   """
 
   rules: tuple[QuantRule, ...] = ()
   layers: tuple[LayerShape, ...] = dataclasses.field(default=(), compare=False)
+  num_timesteps: int = DEFAULT_NUM_TIMESTEPS
 
   def __post_init__(self):
     object.__setattr__(self, "rules", tuple(self.rules))
@@ -176,13 +210,14 @@ class QuantPolicy:
     """A markdown table of the rules, in matching order."""
     lines = ["| # | regex | treatment | bases | weight bits | act bits | act quantizer |"]
     lines.append("|---|---|---|---|---|---|---|")
+    # The act quantizer column: 'signed', 'asymmetric' or 'dynamic', then `act_options` tags.
     for i, rule in enumerate(self.rules):
       q = rule.layer_quant()
       regex = rule.regex.replace("|", r"\|")  # A bare pipe would split the markdown cell.
       lines.append(
         f"| {i} | `{regex}` | {q.treatment} | {q.bases or '-'} | "
         f"{q.weight_bits if q.treatment == INT else '-'} | "
-        f"{q.act_bits} | {q.act_quantizer if q.quantizes_activations else '-'} |"
+        f"{q.act_bits} | {_quantizer_cell(q)} |"
       )
     return "\n".join(lines)
 
@@ -194,11 +229,30 @@ class QuantPolicy:
     return f"{format_policy_table(rows)}\n\nRules (first match wins):\n\n{self.rules_table()}"
 
 
+def _quantizer_cell(q: LayerQuant) -> str:
+  if not q.quantizes_activations:
+    return "-"
+  extra = act_options(dataclasses.replace(q, act_quantizer=SIGNED))
+  return q.act_quantizer + (f" ({extra})" if extra else "")
+
+
+def act_options(q: LayerQuant) -> str:
+  """The activation quantizer of `q` in short, e.g. 'asym mse t10 split bc' ('' for signed LSQ)."""
+  if not q.quantizes_activations:
+    return ""
+  tags = [{ASYMMETRIC: "asym", DYNAMIC: "dyn"}.get(q.act_quantizer, "")]
+  tags.append("mse" if q.act_init == MSE_INIT and q.act_quantizer != DYNAMIC else "")
+  tags.append(f"t{q.act_t_groups}" if q.act_t_groups > 1 else "")
+  tags.append("split" if q.act_split else "")
+  tags.append("bc" if q.bias_correction else "")
+  return " ".join(tag for tag in tags if tag)
+
+
 def _describe(q: LayerQuant) -> tuple[str, str, str]:
   treatment = f"int{q.weight_bits}" if q.treatment == INT else q.treatment
   bases = str(q.bases) if q.treatment == BINARY else "-"
-  asym = q.quantizes_activations and q.act_quantizer == ASYMMETRIC
-  return treatment, bases, f"{q.act_bits}{' asym' if asym else ''}"
+  options = act_options(q)
+  return treatment, bases, f"{q.act_bits}{' ' + options if options else ''}"
 
 
 def format_policy_table(rows: Sequence[LayerRow]) -> str:

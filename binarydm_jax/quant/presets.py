@@ -6,11 +6,15 @@ then the preset's rules:
      released code) or 8-bit weights and inputs (`fp_boundary_bits=8`, the paper appendix);
   2. head/tail blocks: binary with `head_tail_bases` bases (EBB, k=2 by default);
   3. everything else: binary with `body_bases` bases (k=1).
-All binarized layers quantize their input to the preset's activation bits.
+All binarized layers quantize their input to the preset's activation bits, with the activation
+quantizer the section describes (`act_quantizer`, `act_init`, `act_t_groups`, `bias_correction`;
+`act_split` for the layers whose input is a concatenation; `temb_act_bits` for the timestep
+projections, whose input is a function of t alone).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -20,29 +24,50 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from binarydm_jax.quant.lsq import ACT_QUANTIZERS, FULL_PRECISION_BITS
+from binarydm_jax.quant.lsq import ACT_INITS, ACT_QUANTIZERS, FULL_PRECISION_BITS
 from binarydm_jax.quant.policy import (
   BINARY,
+  DEFAULT_NUM_TIMESTEPS,
   FP,
   INT,
   MAX_BASES,
+  LayerQuant,
   QuantPolicy,
   QuantRule,
   check_rule_fields,
   unmatched_rules,
 )
-from binarydm_jax.quant.table import layer_shapes
+from binarydm_jax.quant.table import concatenated_inputs, layer_shapes
 
-# Preset -> (activation bits, multi-basis head/tail?). 'fp' quantizes nothing.
+# Preset -> (activation bits, multi-basis head/tail?). 'fp' quantizes nothing; 'W32A4' and 'W32A8'
+# keep every weight full precision and quantize the same inputs as W1A4/W1A8 (the activations'
+# share of the error).
 PRESETS = {
   "W1A4": (4, True),
   "W1A8": (8, True),
   "W1A32": (32, True),
   "baseline": (4, False),
+  "W32A4": (4, False),
+  "W32A8": (8, False),
   "fp": (32, False),
 }
+FP_WEIGHT_PRESETS = ("W32A4", "W32A8")
 BOUNDARY_REGEX = r"(?:.*/)?(?:time_embed_\d+|conv_in|conv_out)"
-RULE_FIELDS = ("regex", "treatment", "bases", "act_bits", "act_quantizer", "weight_bits")
+RULE_FIELDS = (
+  "regex",
+  "treatment",
+  "bases",
+  "act_bits",
+  "act_quantizer",
+  "weight_bits",
+  "act_init",
+  "act_t_groups",
+  "act_split",
+  "bias_correction",
+)
+# The activation-quantizer fields a rule inherits from the section when it does not set them.
+ACT_FIELDS = ("act_quantizer", "act_init", "act_t_groups", "bias_correction")
+TEMB_REGEX = r"(?:.*/)?temb_proj"
 _BLOCK = re.compile(r"(input_blocks|output_blocks)_(\d+)")
 
 
@@ -51,7 +76,16 @@ def default_quant_config() -> ml_collections.ConfigDict:
   quant = ml_collections.ConfigDict()
   quant.preset = "W1A4"  # 'W1A4', 'W1A8', 'W1A32', 'baseline' (k=1 everywhere, A4) or 'fp'.
   quant.act_bits = -1  # Input bits of binarized layers: -1 = the preset's; else 2..8 or 32.
-  quant.act_quantizer = "signed"  # 'signed' LSQ (paper) or 'asymmetric' LSQ+ (step and offset).
+  # Activation quantizer of every quantized input (README "Activation quantizers"): 'signed' LSQ
+  # (paper), 'asymmetric' (LSQ+'s offset grid: step and offset) or 'dynamic' (a per-sample step
+  # computed on the fly, as the released code in effect does).
+  quant.act_quantizer = "signed"
+  quant.act_init = "lsq"  # Steps from calibration: 'lsq' (2 mean|x| / sqrt(Q_p)) or 'mse' (search).
+  quant.act_t_groups = 1  # One step (and offset) per K equal ranges of the timestep; 1 = one step.
+  quant.act_split = False  # One step per part of a concatenated input (the decoder's skip convs).
+  quant.bias_correction = False  # Remove the mean output shift that input quantization causes.
+  quant.temb_act_bits = -1  # Input bits of the timestep projections: -1 = act_bits; 8; 32 = FP.
+  quant.calib_batches = 1  # Batches (at timesteps spread over 0..T-1) that calibrate the steps.
   quant.head_tail_blocks = -1  # EBB in the first/last N blocks; -1 = blocks at >= 1/2 input res.
   quant.head_tail_middle = False  # Also give the middle block EBB (paper Table 9 "Central").
   quant.head_tail_bases = 2  # Binary bases k in the head/tail blocks (EBB stage 1: 2).
@@ -62,6 +96,28 @@ def default_quant_config() -> ml_collections.ConfigDict:
   # Use tuples if the config is frozen (FrozenConfigDict rejects dicts inside tuples).
   quant.rules = ()
   return quant
+
+
+def check_act_fields(get, key: str, num_timesteps: int) -> dict[str, Any]:
+  """The section's activation-quantizer fields, checked; raises one line naming a bad one."""
+  fields = {name: get(name) for name in ACT_FIELDS}
+  if fields["act_quantizer"] not in ACT_QUANTIZERS:
+    _fail(f"{key}.act_quantizer", fields["act_quantizer"], f"one of {', '.join(ACT_QUANTIZERS)}")
+  if fields["act_init"] not in ACT_INITS:
+    _fail(f"{key}.act_init", fields["act_init"], f"one of {', '.join(ACT_INITS)}")
+  groups = fields["act_t_groups"]
+  if not _is_int(groups) or not 1 <= groups <= num_timesteps:
+    _fail(f"{key}.act_t_groups", groups, f"an integer in 1..{num_timesteps} (the timesteps)")
+  for name in ("bias_correction", "act_split"):
+    if not isinstance(get(name), bool):
+      _fail(f"{key}.{name}", get(name), "True or False")
+  temb_bits = get("temb_act_bits")
+  if temb_bits != -1:
+    check_rule_fields({"act_bits": temb_bits}, f"{key}.temb_act_bits")
+  calib = get("calib_batches")
+  if not _is_int(calib) or calib < 1:
+    _fail(f"{key}.calib_batches", calib, "an integer >= 1")
+  return fields
 
 
 def _block_order(name: str) -> tuple[int, int]:
@@ -162,7 +218,7 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_rule(raw: Any, key: str, preset_bits: int, act_quantizer: str) -> QuantRule:
+def _parse_rule(raw: Any, key: str, preset_bits: int, act_fields: Mapping[str, Any]) -> QuantRule:
   if isinstance(raw, Mapping):
     fields = dict(raw)
   elif isinstance(raw, Sequence) and not isinstance(raw, str):
@@ -178,7 +234,8 @@ def _parse_rule(raw: Any, key: str, preset_bits: int, act_quantizer: str) -> Qua
   fields.setdefault("weight_bits", 8)
   default_bits = {FP: FULL_PRECISION_BITS, BINARY: preset_bits, INT: fields["weight_bits"]}
   fields.setdefault("act_bits", default_bits[treatment])
-  fields.setdefault("act_quantizer", act_quantizer)
+  for name, value in act_fields.items():
+    fields.setdefault(name, value)
   return QuantRule(**fields)
 
 
@@ -211,6 +268,7 @@ def policy_from_config(
   image_shape: Sequence[int],
   *,
   key: str = "config.quant",
+  num_timesteps: int = DEFAULT_NUM_TIMESTEPS,
 ) -> QuantPolicy:
   """Builds and validates the quantization policy of `model` from the `config.quant` section.
 
@@ -219,6 +277,7 @@ def policy_from_config(
     model: the UNet (its policy, if any, is ignored); used for layer paths and block resolutions.
     image_shape: (H, W, C) of the model input.
     key: config key named in error messages.
+    num_timesteps: T of the diffusion (`act_t_groups` divides it).
 
   Returns:
     QuantPolicy: the user's rules followed by the preset's.
@@ -236,9 +295,7 @@ def policy_from_config(
   if act_bits != -1:
     check_rule_fields({"act_bits": act_bits}, key)
     preset_bits = act_bits if preset != "fp" else FULL_PRECISION_BITS
-  act_quantizer = get("act_quantizer")
-  if act_quantizer not in ACT_QUANTIZERS:
-    _fail(f"{key}.act_quantizer", act_quantizer, f"one of {', '.join(ACT_QUANTIZERS)}")
+  act_fields = check_act_fields(get, key, num_timesteps)
   count = get("head_tail_blocks")
   if not _is_int(count) or count < -1:
     _fail(f"{key}.head_tail_blocks", count, "-1 (by resolution) or an integer >= 0")
@@ -256,7 +313,7 @@ def policy_from_config(
   if not isinstance(raw_rules, Sequence) or isinstance(raw_rules, str):
     _fail(f"{key}.rules", raw_rules, "a list or tuple of rules")
   user_rules = [
-    _parse_rule(raw, f"{key}.rules[{i}]", preset_bits, act_quantizer)
+    _parse_rule(raw, f"{key}.rules[{i}]", preset_bits, act_fields)
     for i, raw in enumerate(raw_rules)
   ]
 
@@ -268,11 +325,12 @@ def policy_from_config(
   if preset == "fp":
     preset_rules = [QuantRule(".*", treatment=FP, act_bits=FULL_PRECISION_BITS)]
   else:
-    binary = dict(treatment=BINARY, act_bits=preset_bits, act_quantizer=act_quantizer)
+    weights = FP if preset in FP_WEIGHT_PRESETS else BINARY
+    binary = dict(treatment=weights, act_bits=preset_bits, **act_fields)
     if boundary_bits == FULL_PRECISION_BITS:
       boundary = dict(treatment=FP, act_bits=FULL_PRECISION_BITS)
     else:
-      boundary = dict(treatment=INT, weight_bits=8, act_bits=8, act_quantizer=act_quantizer)
+      boundary = dict(treatment=INT, weight_bits=8, act_bits=8, **act_fields)
     preset_rules = [QuantRule(BOUNDARY_REGEX, **boundary)]
     if multi_basis:
       head, tail = head_tail_blocks(model, image_shape, count)
@@ -284,4 +342,52 @@ def policy_from_config(
         rule = QuantRule(blocks_regex(modules), bases=get("head_tail_bases"), **binary)
         preset_rules.append(rule)
     preset_rules.append(QuantRule(".*", bases=get("body_bases"), **binary))
-  return QuantPolicy(tuple(user_rules) + tuple(preset_rules), layers=layers)
+  policy = QuantPolicy(tuple(user_rules) + tuple(preset_rules), num_timesteps=num_timesteps)
+  concatenated = concatenated_inputs(model, image_shape)
+  _check_splits(QuantPolicy(tuple(user_rules)), paths, concatenated, key)
+  refined = _input_rules(policy, len(user_rules), paths, concatenated, get)
+  return QuantPolicy(
+    tuple(user_rules) + refined + tuple(preset_rules), layers=layers, num_timesteps=num_timesteps
+  )
+
+
+def _check_splits(
+  user: QuantPolicy, paths: Sequence[str], concatenated: set[str], key: str
+) -> None:
+  """A user rule's `act_split` must only reach layers whose input is a concatenation."""
+  for path in paths:
+    index = user.matching_rule(path)
+    if index is not None and user.rules[index].act_split and path not in concatenated:
+      raise ValueError(
+        f"{key}.rules[{index}]: act_split on {path}, whose input is not a concatenation "
+        f"(split quantization applies to: {', '.join(sorted(concatenated)) or 'no layer'})"
+      )
+
+
+def _exact_rule(path: str, q: LayerQuant, **changes: Any) -> QuantRule:
+  """A rule for exactly `path` giving the treatment `q` with `changes`."""
+  fields = dataclasses.asdict(q) | changes
+  fields["bases"] = max(fields["bases"], 1)
+  if q.treatment != INT:
+    fields["weight_bits"] = 8
+  return QuantRule(re.escape(path), **fields)
+
+
+def _input_rules(
+  policy: QuantPolicy, num_user_rules: int, paths: Sequence[str], concatenated: set[str], get
+) -> tuple[QuantRule, ...]:
+  """Exact-path rules for the section's `act_split` and `temb_act_bits` (user rules win)."""
+  rules = []
+  for path in paths:
+    index = policy.matching_rule(path)
+    q = policy.resolve(path)
+    if index is None or index < num_user_rules or not q.quantizes_activations:
+      continue
+    changes: dict[str, Any] = {}
+    if get("act_split") and path in concatenated:
+      changes["act_split"] = True
+    if get("temb_act_bits") != -1 and re.fullmatch(TEMB_REGEX, path):
+      changes["act_bits"] = get("temb_act_bits")
+    if changes:
+      rules.append(_exact_rule(path, q, **changes))
+  return tuple(rules)

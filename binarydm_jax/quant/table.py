@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from binarydm_jax.quant.binarize import with_policy
 from binarydm_jax.quant.layers import QuantConv, QuantDense
 from binarydm_jax.quant.policy import (
+  FULL_PRECISION_POLICY,
   LayerRow,
   LayerShape,
   QuantPolicy,
@@ -49,6 +50,24 @@ def layer_shapes(model: nn.Module, image_shape: Sequence[int]) -> tuple[LayerSha
       tree = tree[part]
     out.append((path, tuple(tree["kernel"].shape)))
   return tuple(out)
+
+
+def concatenated_inputs(model: nn.Module, image_shape: Sequence[int]) -> set[str]:
+  """Paths of the layers whose input concatenates two tensors (the decoder's skip 1x1 convs)."""
+  split: set[str] = set()
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and getattr(context.module, "input_split", None):
+      split.add(path_str(context.module.path))
+    return next_fun(*args, **kwargs)
+
+  def init(x, t):
+    with nn.intercept_methods(record):
+      return with_policy(model, FULL_PRECISION_POLICY).init(jax.random.key(0), x, t)["params"]
+
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  jax.eval_shape(init, x, jax.ShapeDtypeStruct((1,), jnp.int32))
+  return split
 
 
 def layer_rows(policy: QuantPolicy, model: nn.Module, image_shape: Sequence[int]) -> list[LayerRow]:

@@ -30,9 +30,10 @@ from absl import app, flags, logging
 from clu import metric_writers
 
 from benchmarks.common import code_version
-from binarydm_jax import diffusion, evaluate, qat, sharding
+from binarydm_jax import diffusion, evaluate, qat, sampling, sharding
 from binarydm_jax import switch as switch_lib
 from binarydm_jax.config_validation import ConfigError, validate_config
+from binarydm_jax.evaluation import fidelity
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.job import Job
 from binarydm_jax.models.unet import unet_from_config
@@ -78,7 +79,14 @@ flags.DEFINE_multi_string(
   "recorded in the results JSON.",
 )
 flags.DEFINE_list("report", None, "Print the table of these results JSONs and exit.")
+flags.DEFINE_integer(
+  "fidelity_num",
+  512,
+  "Samples of the paired measure: each final student against the teacher from the same noises.",
+)
 
+PAIRED_SEED = 2024  # Noises of the paired measure, the same for the teacher and every student.
+FIDELITY_KEYS = ("psnr", "mse", "label_agreement", "mean_bias", "background", "per_image_mse")
 # Method name -> (qat.method, qat.ebb, qat.lrm).
 METHODS = {
   "baseline": ("baseline", False, False),
@@ -88,7 +96,15 @@ METHODS = {
 }
 
 
-def run_one(job: Job, teacher_params) -> dict[str, float]:
+def paired_images(sampler, params) -> np.ndarray:
+  """The `--fidelity_num` DDIM samples of the paired measure (the same noises for every model)."""
+  batch = min(256, FLAGS.fidelity_num)
+  return sampling.sample_many(
+    sampler, params, jax.random.PRNGKey(PAIRED_SEED), FLAGS.fidelity_num, batch
+  )
+
+
+def run_one(job: Job, teacher_params, teacher_images: np.ndarray) -> dict[str, float]:
   """Trains one student in a fresh workdir; its digits-FID (EMA params, as the job samples).
 
   The final scores are `fid` (held-out split) and, beside it, `fid_all` (all real digits), `fid_ci`
@@ -160,6 +176,12 @@ def run_one(job: Job, teacher_params) -> dict[str, float]:
     final = scores(state.ema_params)
     # The held-out FID, and the steadier / interval scores beside it (see the metric's noise).
     result = {key: final[key] for key in ("fid", "fid_all", "fid_ci", "kid", "kid_std")}
+    paired = fidelity.image_fidelity(
+      teacher_images,
+      paired_images(samplers[0], state.ema_params),
+      fidelity.digits_classifier(job.dataset.train.shape[1:]),
+    )
+    result["fidelity"] = {key: paired[key] for key in FIDELITY_KEYS}
     if FLAGS.raw_params:
       result["fid_raw"] = fid(state.params)
     if curve:
@@ -251,10 +273,11 @@ def settings_of(results: dict) -> tuple:
 
 
 def _mean_std(values: list[float], digits: int = 1) -> str:
-  """'mean ± std (n=N)' over seeds (population std), or '-' for no runs."""
+  """'mean ± std (n=N)' over seeds (sample std, n - 1), or '-' for no runs."""
   if not values:
     return "-"
-  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f} (n={len(values)})"
+  spread = np.std(values, ddof=1) if len(values) > 1 else float("nan")
+  return f"{np.mean(values):.{digits}f} ± {spread:.{digits}f} (n={len(values)})"
 
 
 def print_table(results: list[dict], bits: list[str], methods: list[str]) -> None:
@@ -300,6 +323,9 @@ def print_seed_table(runs: list[dict], bits: str, methods: list[str]) -> None:
     "sigma_II_over_sigma_I": "σII/σI at S",
   }
   has_switch = any("switch" in r for r in runs)
+  has_fidelity = any("fidelity" in r for r in runs)
+  if has_fidelity:
+    columns += ["paired PSNR (dB)", "label agreement"]
   if has_switch:
     columns += list(switch_columns.values())
   print("| method | " + " | ".join(columns) + " |")
@@ -315,11 +341,47 @@ def print_seed_table(runs: list[dict], bits: str, methods: list[str]) -> None:
       cells.append(
         _mean_std([r["fid_curve"][str(step)] for r in rows if str(step) in r.get("fid_curve", {})])
       )
+    if has_fidelity:
+      for key, digits in (("psnr", 2), ("label_agreement", 3)):
+        values = [r["fidelity"][key] for r in rows if r.get("fidelity", {}).get(key) is not None]
+        cells.append(_mean_std(values, digits))
     if has_switch:
       for key in switch_columns:
         values = [r["switch"][key] for r in rows if key in r.get("switch", {})]
         cells.append(_mean_std(values, digits=2 if key.startswith("sigma") else 1))
     print(f"| {name} | " + " | ".join(cells) + " |")
+  print_paired(runs, methods)
+
+
+def print_paired(runs: list[dict], methods: list[str]) -> None:
+  """Per seed, each method minus the first method run on that seed (digits-FID and paired PSNR):
+  the differences, their mean ± std and how many seeds favour the method."""
+  by_cell = {(r["method"], r["seed"]): r for r in runs}
+  base = next((m for m in methods if any(r["method"] == m for r in runs)), None)
+  rows = []
+  for name in methods:
+    seeds = sorted(s for (m, s) in by_cell if m == name and (base, s) in by_cell)
+    if name == base or not seeds:
+      continue
+    for key, places, better in (("fid", 1, -1), ("psnr", 2, 1)):
+      diffs = []
+      for s in seeds:
+        a, b = by_cell[(name, s)], by_cell[(base, s)]
+        if key == "fid":
+          diffs.append(a["fid"] - b["fid"])
+        elif "fidelity" in a and "fidelity" in b:
+          diffs.append(a["fidelity"]["psnr"] - b["fidelity"]["psnr"])
+      if diffs:
+        wins = sum(1 for d in diffs if d * better > 0)
+        values = ", ".join(f"{d:+.{places}f}" for d in diffs)
+        rows.append(
+          f"| {name} - {base} | {key} | {values} | {_mean_std(diffs, digits)} | {wins}/{len(diffs)} |"
+        )
+  if rows:
+    print("\nPaired by seed (method minus the first method of the same seed):")
+    print("| pair | measure | per seed | mean ± std | seeds better |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 def main(argv):
@@ -376,11 +438,12 @@ def main(argv):
       job = dataclasses.replace(base_job, workdir=workdir, writer=writer)
       results["teacher"] = evaluate.evaluate_model(job, "teacher", teacher_params, job.model)["fid"]
     save()
+  teacher_images = paired_images(base_job.sampler(base_job.model), teacher_params)
   for (bits, name, seed), config in grid[worker::num_workers]:
     if any((r["bits"], r["method"], r["seed"]) == (bits, name, seed) for r in results["runs"]):
       continue
     started = time.time()
-    fids = run_one(dataclasses.replace(base_job, config=config), teacher_params)
+    fids = run_one(dataclasses.replace(base_job, config=config), teacher_params, teacher_images)
     minutes = (time.time() - started) / 60
     logging.info("ablation %s %s seed %d: %s (%.1f min)", bits, name, seed, fids, minutes)
     results["runs"].append(

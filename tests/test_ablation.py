@@ -99,10 +99,13 @@ def test_report_merges_workers_into_means_and_per_seed_rows(capsys):
   ablation.print_table([worker0, worker1], ["W1A8"], ["baseline", "binarydm"])
   lines = capsys.readouterr().out.splitlines()
   assert lines[0] == "teacher (FP): digits-FID 38.8"
-  assert "| W1A8 | 45.0 ± 5.0 (n=2) | 30.0 ± 0.0 (n=1) |" in lines
+  # The spread is the sample standard deviation (n - 1); one seed has none.
+  assert "| W1A8 | 45.0 ± 7.1 (n=2) | 30.0 ± nan (n=1) |" in lines
   assert "| method | seed 0 | seed 1 | mean ± std | at step 800 |" in lines
-  assert "| baseline | 50.0 | 40.0 | 45.0 ± 5.0 (n=2) | 55.0 ± 5.0 (n=2) |" in lines
-  assert "| binarydm | - | 30.0 | 30.0 ± 0.0 (n=1) | - |" in lines
+  assert "| baseline | 50.0 | 40.0 | 45.0 ± 7.1 (n=2) | 55.0 ± 7.1 (n=2) |" in lines
+  assert "| binarydm | - | 30.0 | 30.0 ± nan (n=1) | - |" in lines
+  # Paired by seed: only seed 1 has both methods.
+  assert "| binarydm - baseline | fid | -10.0 | -10.0 ± nan (n=1) | 1/1 |" in lines
 
 
 @pytest.mark.slow
@@ -122,6 +125,7 @@ def test_a_short_run_records_the_switch_and_the_steadier_scores(tmp_path):
     "--set=eval.num_samples=16",
     "--set=sampling.ddim_steps=2",
     "--set=qat.batch_size=8",
+    "--fidelity_num=8",
     f"--out={out}",
   ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -138,3 +142,6 @@ def test_a_short_run_records_the_switch_and_the_steadier_scores(tmp_path):
   assert all(switch[key] > 0 for key in keys), switch
   # sigma_II != 0 at S, so dropping it changes the EMA student's samples; the EMA is not the raw.
   assert switch["fid_collapsed_ema"] != switch["fid_two_basis"] != switch["fid_two_basis_raw"]
+  # The paired measure of the final student against the teacher, on 8 shared noises.
+  assert len(run["fidelity"]["per_image_mse"]) == 8 and 0 < run["fidelity"]["psnr"] < 60
+  assert 0 <= run["fidelity"]["label_agreement"] <= 1

@@ -8,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from binarydm_jax import qat_optim
 from binarydm_jax.models.unet import UNet
 from binarydm_jax.quant import QuantConv, QuantDense, calibrate, default_quant_config, lsq
 from binarydm_jax.quant.activations import timestep_groups, timestep_scope
 from binarydm_jax.quant.policy import QuantPolicy, QuantRule
 from binarydm_jax.quant.presets import policy_from_config
+from configs import digits
 
 POST_SILU = jax.nn.silu(3.0 * jax.random.normal(jax.random.key(0), (16, 6, 6, 8)))
 T = jnp.arange(16) * 62  # 0 .. 930: all four groups of 250 steps.
@@ -253,3 +255,25 @@ def test_the_search_sees_every_channel_of_a_large_input():
   assert step * 7 >= 100.0 / 24  # The smallest candidate of a range that includes the 100s.
   step, offset = lsq.search_asymmetric(x, 4)
   assert step * 15 + offset > 50.0
+
+
+def test_the_activation_quantizers_have_their_own_learning_rate():
+  """qat.act_learning_rate scales the Adam steps of act_step/act_offset/bias_correction only."""
+
+  params = {
+    "conv": {"kernel": jnp.ones((2, 2)), "act_step": jnp.ones(()), "bias_correction": jnp.ones(2)}
+  }
+  grads = jax.tree.map(jnp.ones_like, params)
+  qat_config = digits.get_config().qat
+  qat_config.switch_step = 100
+
+  def first_update(act_rate):
+    qat_config.act_learning_rate = act_rate
+    tx = qat_optim.make_qat_optimizer(qat_config, qat_optim.learning_rate_schedule(qat_config, 100))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return updates["conv"]
+
+  same, faster = first_update(-1.0), first_update(10 * qat_config.learning_rate)
+  np.testing.assert_allclose(faster["kernel"], same["kernel"])
+  np.testing.assert_allclose(faster["act_step"], 10 * same["act_step"], rtol=1e-5)
+  np.testing.assert_allclose(faster["bias_correction"], 10 * same["bias_correction"], rtol=1e-5)

@@ -100,15 +100,10 @@ def sample_groups(module: nn.Module, spec: LayerQuant, batch: int) -> jax.Array 
   return timestep_groups(t, spec.act_t_groups, module.policy.num_timesteps)
 
 
-def group_weights(groups: jax.Array | None, count: int) -> list[jax.Array | None]:
-  """Per group, the (B,) weights of its samples; all samples where a group has none."""
-  if groups is None:
-    return [None]
-  weights = []
-  for k in range(count):
-    mask = (groups == k).astype(jnp.float32)
-    weights.append(jnp.where(jnp.sum(mask) > 0, mask, jnp.ones_like(mask)))
-  return weights
+def group_weights(groups: jax.Array, count: int) -> jax.Array:
+  """(K, B): row k weighs the samples of group k; all samples where a group has none."""
+  masks = (groups[None, :] == jnp.arange(count)[:, None]).astype(jnp.float32)
+  return jnp.where(jnp.sum(masks, axis=1, keepdims=True) > 0, masks, 1.0)
 
 
 def _table_shape(spec: LayerQuant, num_parts: int) -> tuple[int, ...]:
@@ -125,16 +120,16 @@ def _fit_tables(
   x: jax.Array, slices: list[slice], spec: LayerQuant, groups: jax.Array | None
 ) -> tuple[jax.Array, ...]:
   """(step table, [offset table]) fitted on `x`: per group (rows) and part (columns)."""
-  rows = [
-    [_fit(x[..., part], spec, w) for part in slices]
-    for w in group_weights(groups, spec.act_t_groups)
-  ]
+  if groups is None:  # One group: the fit of all samples, (1, P).
+    columns = [[value[None] for value in _fit(x[..., part], spec, None)] for part in slices]
+  else:  # One vectorised fit per part over the groups' weights, (K, P).
+    weights = group_weights(groups, spec.act_t_groups)
+    columns = [jax.vmap(lambda w, p=part: _fit(x[..., p], spec, w))(weights) for part in slices]
   shape = _table_shape(spec, len(slices))
-  tables = []
-  for i in range(len(rows[0][0])):
-    table = jnp.stack([jnp.stack([cell[i] for cell in row]) for row in rows])
-    tables.append(table.reshape(shape) if shape else table.reshape(()))
-  return tuple(tables)
+  return tuple(
+    jnp.stack([column[i] for column in columns], axis=1).reshape(shape)
+    for i in range(len(columns[0]))
+  )
 
 
 def _placeholder(x: jax.Array, slices: list[slice], spec: LayerQuant) -> tuple[jax.Array, ...]:
@@ -235,11 +230,11 @@ def correct_bias(
       y.shape[0], -1, channels
     )
     per_sample = jnp.mean(diff, axis=1)
-    rows = [
-      jnp.mean(per_sample, axis=0) if w is None else w @ per_sample / jnp.sum(w)
-      for w in group_weights(groups, spec.act_t_groups)
-    ]
-    correction = jnp.stack(rows).reshape(shape)
+    if groups is None:
+      correction = jnp.mean(per_sample, axis=0)
+    else:
+      weights = group_weights(groups, spec.act_t_groups)
+      correction = weights @ per_sample / jnp.sum(weights, axis=1, keepdims=True)
     module.put_variable(CALIB_COLLECTION, "bias_correction", correction)
   if groups is None:
     per_sample = correction

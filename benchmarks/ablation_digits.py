@@ -342,9 +342,9 @@ def print_seed_table(runs: list[dict], bits: str, methods: list[str]) -> None:
         _mean_std([r["fid_curve"][str(step)] for r in rows if str(step) in r.get("fid_curve", {})])
       )
     if has_fidelity:
-      for key, digits in (("psnr", 2), ("label_agreement", 3)):
+      for key, places in (("psnr", 2), ("label_agreement", 3)):
         values = [r["fidelity"][key] for r in rows if r.get("fidelity", {}).get(key) is not None]
-        cells.append(_mean_std(values, digits))
+        cells.append(_mean_std(values, places))
     if has_switch:
       for key in switch_columns:
         values = [r["switch"][key] for r in rows if key in r.get("switch", {})]
@@ -375,7 +375,7 @@ def print_paired(runs: list[dict], methods: list[str]) -> None:
         wins = sum(1 for d in diffs if d * better > 0)
         values = ", ".join(f"{d:+.{places}f}" for d in diffs)
         rows.append(
-          f"| {name} - {base} | {key} | {values} | {_mean_std(diffs, digits)} | {wins}/{len(diffs)} |"
+          f"| {name} - {base} | {key} | {values} | {_mean_std(diffs, places)} | {wins}/{len(diffs)} |"
         )
   if rows:
     print("\nPaired by seed (method minus the first method of the same seed):")

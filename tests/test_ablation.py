@@ -87,7 +87,15 @@ def test_code_version_names_the_checkout_commit():
 def test_report_merges_workers_into_means_and_per_seed_rows(capsys):
   def run(method, seed, fid, at_800=None):
     curve = {} if at_800 is None else {"fid_curve": {"800": at_800}}
-    return {"bits": "W1A8", "method": method, "seed": seed, "fid": fid, **curve}
+    fidelity = {"psnr": 30 - fid / 10, "label_agreement": 0.5}
+    return {
+      "bits": "W1A8",
+      "method": method,
+      "seed": seed,
+      "fid": fid,
+      "fidelity": fidelity,
+      **curve,
+    }
 
   settings = {"qat_steps": 1600, "ebb_form": "paper", "overrides": {}}
   worker0 = {**settings, "teacher": 38.8, "runs": [run("baseline", 0, 50.0, 60.0)]}
@@ -101,11 +109,21 @@ def test_report_merges_workers_into_means_and_per_seed_rows(capsys):
   assert lines[0] == "teacher (FP): digits-FID 38.8"
   # The spread is the sample standard deviation (n - 1); one seed has none.
   assert "| W1A8 | 45.0 ± 7.1 (n=2) | 30.0 ± nan (n=1) |" in lines
-  assert "| method | seed 0 | seed 1 | mean ± std | at step 800 |" in lines
-  assert "| baseline | 50.0 | 40.0 | 45.0 ± 7.1 (n=2) | 55.0 ± 7.1 (n=2) |" in lines
-  assert "| binarydm | - | 30.0 | 30.0 ± nan (n=1) | - |" in lines
+  header = (
+    "| method | seed 0 | seed 1 | mean ± std | at step 800 | paired PSNR (dB) | label agreement |"
+  )
+  assert header in lines
+  assert (
+    "| baseline | 50.0 | 40.0 | 45.0 ± 7.1 (n=2) | 55.0 ± 7.1 (n=2) | 25.50 ± 0.71 (n=2) | "
+    "0.500 ± 0.000 (n=2) |"
+  ) in lines
+  assert (
+    "| binarydm | - | 30.0 | 30.0 ± nan (n=1) | - | 27.00 ± nan (n=1) | 0.500 ± nan (n=1) |"
+    in lines
+  )
   # Paired by seed: only seed 1 has both methods.
   assert "| binarydm - baseline | fid | -10.0 | -10.0 ± nan (n=1) | 1/1 |" in lines
+  assert "| binarydm - baseline | psnr | +1.00 | 1.00 ± nan (n=1) | 1/1 |" in lines
 
 
 @pytest.mark.slow

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +43,7 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
+from binarydm_jax.errors import one_line_errors
 from binarydm_jax.flag_parsing import parse_flags
 from binarydm_jax.models.unet import AttnBlock, unet_from_config
 from binarydm_jax.quant import LayerQuant, QuantConv, QuantDense, QuantPolicy, policy_from_config
@@ -425,13 +425,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
-  try:
+  with one_line_errors():
     result = account(
       config, fp_dtype=flags.FLAGS.fp_dtype, count_attention=flags.FLAGS.count_attention
     )
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   print(format_report(result))
   if flags.FLAGS.json:
     _dump(result, flags.FLAGS.json)

@@ -17,13 +17,14 @@ from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
 from binarydm_jax import checkpointing, sharding
+from binarydm_jax.errors import UserError
 from binarydm_jax.input_pipeline import ImageDataset
 from binarydm_jax.preemption import Preempted, SigtermWatch
 
 StepFn = Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """The loss became NaN or infinite; the last good checkpoint is kept and nothing is saved."""
 
 

@@ -1,13 +1,12 @@
 """Command line: `python -m binarydm_jax.main --config=configs/digits.py --workdir=DIR`.
 
-Intentionally short: flags in, `pipeline.run(config, workdir)` out. Known user errors
-(bad config, missing data or Inception weights, wrong or damaged checkpoint, NaN loss, a workdir
-that is a file or in use by another job) are printed as one line, not a traceback. A preempted job
+Intentionally short: flags in, `pipeline.run(config, workdir)` out. User errors (`UserError`:
+bad config, missing data or Inception weights, wrong or damaged checkpoint, NaN loss, a workdir
+that is a file or in use by another job) are printed as one line; a bug keeps its traceback. A preempted job
 (SIGTERM) logs where it saved and exits 0; rerunning it resumes.
 """
 
 import logging as pylogging
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -48,39 +47,23 @@ def main(argv: list[str]) -> None:
   import tensorflow as tf
 
   from binarydm_jax import distributed, pipeline, workdir_lock
-  from binarydm_jax.checkpointing import CheckpointDamagedError, CheckpointMismatchError
-  from binarydm_jax.errors import ConfigError, DatasetError, TeacherError
-  from binarydm_jax.evaluation.inception import InceptionError
-  from binarydm_jax.evaluation.reference import ReferenceStatsError
-  from binarydm_jax.loop import NonFiniteLossError
+  from binarydm_jax.errors import one_line_errors
   from binarydm_jax.preemption import Preempted
 
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  distributed.initialize(
-    FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-  )
+  with one_line_errors():
+    distributed.initialize(
+      FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
   tf.config.set_visible_devices([], "GPU")  # TF only reads data; keep the accelerators for JAX.
   logging.info(
     "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
   )
   try:
-    with workdir_lock.hold(FLAGS.workdir):
+    with one_line_errors(), workdir_lock.hold(FLAGS.workdir):
       pipeline.run(FLAGS.config, FLAGS.workdir)
   except Preempted as e:  # Nothing evaluated or exported: the rerun continues the stage.
     logging.warning("%s", e)
-  except (
-    ConfigError,
-    DatasetError,
-    CheckpointMismatchError,
-    CheckpointDamagedError,
-    NonFiniteLossError,
-    TeacherError,
-    InceptionError,
-    ReferenceStatsError,
-    workdir_lock.BadWorkdirError,
-  ) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == "__main__":

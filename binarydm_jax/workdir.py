@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from binarydm_jax import fileio, qat
+from binarydm_jax.errors import UserError
 from binarydm_jax.models.unet import param_shapes, unet_from_config
 from binarydm_jax.quant import with_policy
 from binarydm_jax.teacher import load_teacher
@@ -27,7 +28,7 @@ STUDENT_ADVICE = (
 )
 
 
-class WorkdirError(Exception):
+class WorkdirError(UserError):
   """A workdir without the requested checkpoint, or one that does not match its config."""
 
 

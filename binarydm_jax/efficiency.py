@@ -43,10 +43,12 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
+from binarydm_jax import student
+from binarydm_jax.config_validation import validate_config
 from binarydm_jax.errors import one_line_errors
 from binarydm_jax.flag_parsing import parse_flags
 from binarydm_jax.models.unet import AttnBlock, unet_from_config
-from binarydm_jax.quant import LayerQuant, QuantConv, QuantDense, QuantPolicy, policy_from_config
+from binarydm_jax.quant import LayerQuant, QuantConv, QuantDense, QuantPolicy
 from binarydm_jax.quant.lsq import FULL_PRECISION_BITS, SIGNED
 from binarydm_jax.quant.policy import BINARY, FP, FULL_PRECISION
 
@@ -301,9 +303,12 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def account(
   config: ml_collections.ConfigDict, *, fp_dtype: str = "float32", count_attention: bool = False
 ) -> dict[str, Any]:
-  """`account_model` for the UNet and quantization policy of a job config.
+  """`account_model` for the UNet and the quantization policy of a job config's student.
 
-  Reads only `config.model`, `config.quant` and `config.data.image_size`.
+  The policy is the one the student stage trains (`student.student_policy` with the settings
+  resolved from `config.qat` and `config.quant`): a run without EBB (e.g. qat.method='baseline')
+  has one basis in every binarized layer, so its `stage1` form equals `deployed`. Reads only
+  `config.model`, `config.quant`, `config.qat` and `config.data.image_size`.
 
   Args:
     config: a job config (configs/*.py).
@@ -315,7 +320,8 @@ def account(
   """
   shape = image_shape(config)
   model = unet_from_config(config.model)
-  policy = policy_from_config(config.quant, model, shape)
+  settings = student.resolve_settings(config.qat, config.quant)
+  policy = student.student_policy(config, settings, model, shape)
   inputs = (
     jax.ShapeDtypeStruct((1, *shape), jnp.float32),
     jax.ShapeDtypeStruct((1,), jnp.int32),
@@ -426,6 +432,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
   with one_line_errors():
+    validate_config(config)
     result = account(
       config, fp_dtype=flags.FLAGS.fp_dtype, count_attention=flags.FLAGS.count_attention
     )

@@ -24,6 +24,7 @@ from binarydm_jax import (
   qat,
   sampling,
   sharding,
+  student,
   train,
 )
 from binarydm_jax.config_validation import validate_config
@@ -139,10 +140,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   evaluate.write_results(results, workdir)
   if config.qat.method != "fp":
-    student, student_state = qat.train_student(job, teacher_params)
+    student_model, student_state = qat.train_student(job, teacher_params)
     student_id = f"step {config.qat.num_steps}"
-    scores = evaluate.evaluate_model(job, "student", student_state.ema_params, student, student_id)
-    results["student"] = scores | qat.describe_student(config)
+    scores = evaluate.evaluate_model(
+      job, "student", student_state.ema_params, student_model, student_id
+    )
+    results["student"] = scores | student.describe_student(config)
     evaluate.write_results(results, workdir)
     export_stage(job, student_state)
   job.writer.flush()

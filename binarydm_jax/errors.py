@@ -32,6 +32,10 @@ class DatasetError(UserError):
   """Training images that cannot be found or read; the message says what to do."""
 
 
+class PrerequisiteError(UserError):
+  """What a job needs besides its config (data, teacher, first stage, Inception) is missing."""
+
+
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
   """For a command line: a `UserError` inside prints `error: MESSAGE` and exits with status 1.

@@ -33,17 +33,6 @@ SHARD_SIZE = 1000  # Samples per resumable shard of the inception metric.
 INCEPTION_SCALARS = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "kid_std")
 
 
-def check_ready(config: ml_collections.ConfigDict) -> None:
-  """Fails fast (before any training) when `config.eval.metric` cannot run at the end.
-
-  Raises:
-    inception.InceptionError: (one line, saying where to download the weights and where they
-      go) for metric 'inception' when `eval.inception_dir` holds no converted FID Inception.
-  """
-  if config.eval.metric == "inception":
-    inception.check_weights(config.eval.inception_dir)
-
-
 def evaluate_model(
   job: Job, name: str, params: Any, model: nn.Module, model_id: str = ""
 ) -> dict[str, Any]:

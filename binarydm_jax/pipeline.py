@@ -21,6 +21,7 @@ from binarydm_jax import (
   evaluate,
   export,
   first_stage,
+  prerequisites,
   qat,
   sampling,
   sharding,
@@ -35,12 +36,14 @@ from binarydm_jax.teacher import assert_same_architecture, load_teacher
 
 
 def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
-  """Checks the config and what the evaluation needs, then builds the mesh, data, UNet and writer.
+  """Checks the config and the job's prerequisites, then builds the mesh, data, UNet and writer.
 
-  Everything that can fail on bad input fails here, before any training.
+  Everything that can fail on bad input fails here, before any training: every config value
+  (the student's quantization policy included) and every missing prerequisite (data, teacher,
+  first stage, Inception weights) before the workdir is even created.
   """
   validate_config(config)
-  evaluate.check_ready(config)  # E.g. the Inception weights, before hours of training.
+  prerequisites.check(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   for key in ("training.batch_size", "qat.batch_size", "eval.batch_size", "sampling.grid_size"):

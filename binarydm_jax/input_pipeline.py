@@ -11,17 +11,21 @@ of the same global batch.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
 import numpy as np
 import sklearn.datasets
-import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from binarydm_jax import lazy_imports
 from binarydm_jax.errors import DatasetError
 from binarydm_jax.image_folder import center_square, list_images, read_image_folder
+
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
 
 DATASET_NAMES = ("digits", "cifar10", "folder", "lsun_bedrooms", "lsun_churches", "synthetic")
 # Our names of the tensorflow-datasets LSUN categories (the paper's LDM datasets).
@@ -279,7 +283,7 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 
 def _prepared_builder(tfds_name: str, title: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The tfds builder of `tfds_name`, or DatasetNotFoundError saying how to prepare it offline."""
-  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  builder = lazy_imports.tfds().builder(tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
     root = builder.data_dir_root
     raise DatasetNotFoundError(
@@ -310,7 +314,7 @@ def _read_tfds_split(
 ) -> tuple[np.ndarray, np.ndarray]:
   """All uint8 images and int32 labels of a split, read in fixed-size chunks."""
   dataset = builder.as_dataset(split=split, shuffle_files=False).batch(_TFDS_CHUNK)
-  chunks = list(tfds.as_numpy(dataset))
+  chunks = list(lazy_imports.tfds().as_numpy(dataset))
   images = np.concatenate([chunk["image"] for chunk in chunks])
   labels = np.concatenate([chunk["label"] for chunk in chunks]).astype(np.int32)
   return images, labels
@@ -325,7 +329,7 @@ def _load_lsun(name: str, image_size: int, data_dir: str | None, max_images: int
   builder = _builder(name, data_dir)
 
   def read(split: str) -> np.ndarray:
-    rows = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+    rows = lazy_imports.tfds().as_numpy(builder.as_dataset(split=split, shuffle_files=False))
     images = []
     for row in rows:
       images.append(center_square(Image.fromarray(row["image"]).convert("RGB"), image_size))

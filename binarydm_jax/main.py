@@ -44,7 +44,6 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here so that `--help` and flag errors stay fast.
   import jax
-  import tensorflow as tf
 
   from binarydm_jax import distributed, pipeline, workdir_lock
   from binarydm_jax.errors import one_line_errors
@@ -55,7 +54,6 @@ def main(argv: list[str]) -> None:
     distributed.initialize(
       FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
-  tf.config.set_visible_devices([], "GPU")  # TF only reads data; keep the accelerators for JAX.
   logging.info(
     "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
   )

@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
 from binarydm_jax import (
@@ -21,6 +20,7 @@ from binarydm_jax import (
   evaluate,
   export,
   first_stage,
+  lazy_imports,
   prerequisites,
   qat,
   sampling,
@@ -51,7 +51,8 @@ def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
     sharding.check_batch_divisible(config[section][field], mesh, f"config.{key}")
   logging.info("Mesh: %s over %d process(es)", dict(mesh.shape), jax.process_count())
   images, first, dataset = load_data(config)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writers = lazy_imports.metric_writers()
+  writer = writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0 and not (epath.Path(workdir) / "teacher").exists():
     writer.write_hparams(_flat_hparams(config))
   return Job(

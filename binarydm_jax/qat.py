@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import flax.struct
@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from clu import metric_writers
 from etils import epath
 from jax.sharding import Mesh
 
@@ -35,6 +34,9 @@ from binarydm_jax.student import (
   student_policy,
 )
 from binarydm_jax.train_state import TrainState, ema_decay_at, ema_update
+
+if TYPE_CHECKING:
+  from clu import metric_writers
 
 # What a student checkpoint must agree with to be resumed (the number of steps may grow).
 STRUCTURAL_KEYS = (

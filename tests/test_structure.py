@@ -50,3 +50,45 @@ def test_the_graph_sees_the_known_edges():
 def test_no_import_cycles():
   cycles = list(nx.simple_cycles(import_graph()))
   assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in cycles[:5])
+
+
+# Imported only through `binarydm_jax.lazy_imports` (they import TensorFlow, which takes seconds).
+TENSORFLOW_MODULES = (
+  "tensorflow",
+  "tensorflow_datasets",
+  "clu.metric_writers",
+  "clu.periodic_actions",
+)
+
+
+def _runtime_imports(tree: ast.AST) -> set[str]:
+  """Modules a file imports anywhere but under `if TYPE_CHECKING:` (`from a import b`: a, a.b)."""
+  type_only = {
+    id(child)
+    for node in ast.walk(tree)
+    if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+    for child in ast.walk(node)
+  }
+  found = set()
+  for node in ast.walk(tree):
+    if id(node) in type_only:
+      continue
+    if isinstance(node, ast.Import):
+      found |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+  return found
+
+
+def test_tensorflow_is_imported_only_through_lazy_imports():
+  offenders = sorted(
+    f"{_module_name(path)}: {module}"
+    for path in PACKAGE.rglob("*.py")
+    if path.name != "lazy_imports.py"
+    for module in _runtime_imports(ast.parse(path.read_text()))
+    if module.startswith(TENSORFLOW_MODULES)
+  )
+  assert not offenders, offenders
+  assert "clu.metric_writers" in _runtime_imports(
+    ast.parse((PACKAGE / "lazy_imports.py").read_text())
+  )

@@ -7,6 +7,7 @@ workdir picks up where it stopped.
 
 from __future__ import annotations
 
+import logging as pylogging
 from typing import Any
 
 import jax
@@ -27,11 +28,13 @@ from binarydm_jax import (
   sharding,
   student,
   train,
+  workdir_lock,
 )
 from binarydm_jax.config_validation import validate_config
 from binarydm_jax.input_pipeline import ImageDataset, load_dataset
 from binarydm_jax.job import Job
 from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.preemption import Preempted
 from binarydm_jax.teacher import assert_same_architecture, load_teacher
 
 
@@ -154,6 +157,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     export_stage(job, student_state)
   job.writer.flush()
   return results
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of orbax (several lines per checkpoint); warnings still pass."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def run_command(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`run` as `python -m binarydm_jax.main` does it: quiet orbax, holding the workdir's lock.
+
+  A preempted job (SIGTERM) logs where it saved and returns: nothing was evaluated or exported,
+  and rerunning the same command resumes the stage.
+
+  Raises:
+    UserError: a bad config, a missing prerequisite, a workdir in use, a NaN loss, ... (one line).
+  """
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.info(
+    "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
+  )
+  try:
+    with workdir_lock.hold(workdir):
+      run(config, workdir)
+  except Preempted as e:
+    logging.warning("%s", e)
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

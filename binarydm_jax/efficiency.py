@@ -22,8 +22,9 @@ App. B.2 Eq. 18), per sample (batch 1):
 
 Forms: `fp` (every param float32, every MAC a FLOP), `deployed` (the policy with one basis per
 binarized layer: the pure 1-bit model after basis evolution), `high_order` (two bases in every
-binarized layer: paper Eq. 18, its 70.2 MB / 12.6 G OPs row) and `stage1` (the policy as
-configured: EBB stage 1, head/tail with `head_tail_bases`, also the released code's "W1.1" model).
+binarized layer: paper Eq. 18, its 70.2 MB / 12.6 G OPs row) and `stage1` (the student's policy as
+trained: EBB stage 1, head/tail with `head_tail_bases`, also the released code's "W1.1" model;
+one basis everywhere without EBB).
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ from etils import epath
 from ml_collections import config_flags
 
 from binarydm_jax import student
-from binarydm_jax.config_validation import validate_config
 from binarydm_jax.errors import one_line_errors
 from binarydm_jax.flag_parsing import parse_flags
 from binarydm_jax.models.unet import AttnBlock, unet_from_config
@@ -433,7 +432,6 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
   with one_line_errors():
-    validate_config(config)
     result = account(
       config, fp_dtype=flags.FLAGS.fp_dtype, count_attention=flags.FLAGS.count_attention
     )

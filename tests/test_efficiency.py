@@ -245,3 +245,11 @@ def test_stage1_is_the_students_own_first_stage():
   assert _binary_bases(baseline, "stage1") == {1}
   assert baseline["stage1"] == baseline["deployed"]
   assert baseline["high_order"] == binarydm["high_order"]  # Eq. 18's model does not change.
+
+
+def test_cli_bad_quant_preset_is_one_line():
+  proc = _run_cli("--config=configs/digits.py", "--config.quant.preset=W9A9")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+    "error: config.quant.preset='W9A9': expected one of W1A4, W1A8, W1A32, baseline, fp"
+  ]

@@ -11,6 +11,7 @@ import pytest
 from clu import metric_writers
 
 from binarydm_jax import checkpointing, diffusion, qat, qat_optim, sharding
+from binarydm_jax.errors import ConfigError
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.job import Job
 from binarydm_jax.models.unet import unet_from_config
@@ -197,9 +198,9 @@ def test_sharded_step_equals_single_device(mesh, single_device_step):
 
 def test_switch_step_defaults_to_half_and_bad_values_are_config_errors():
   assert resolve_settings(tiny_config(num_steps=10).qat).switch_step == 5
-  with pytest.raises(qat.ConfigError, match="config.qat.method"):
+  with pytest.raises(ConfigError, match="config.qat.method"):
     resolve_settings(tiny_config(method="xnor").qat)
-  with pytest.raises(qat.ConfigError, match="config.qat.switch_step"):
+  with pytest.raises(ConfigError, match="config.qat.switch_step"):
     resolve_settings(tiny_config(switch_step=-5).qat)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks.common import code_version
-from binarydm_jax import diffusion, qat, sharding
+from binarydm_jax import diffusion, qat, sharding, student
 from binarydm_jax.evaluation import fidelity
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_fid
@@ -86,8 +86,8 @@ def run_variant(name, teacher_params, dataset, mesh, teacher_images, extractor, 
   overrides, first_batch = VARIANTS[name]
   config = screen_config(FLAGS.preset, overrides)
   model = unet_from_config(config.model)
-  settings = qat.resolve_settings(config.qat, config.quant)
-  policy = qat.student_policy(config, settings, model, dataset.train.shape[1:])
+  settings = student.resolve_settings(config.qat, config.quant)
+  policy = student.student_policy(config, settings, model, dataset.train.shape[1:])
   if first_batch:  # As the QAT stage calibrated before the calibration batches spanned t.
     calibration = qat.noised_batches(dataset, schedule, mesh, 1, config.qat.batch_size)[0]
   else:

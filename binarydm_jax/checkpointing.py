@@ -19,13 +19,14 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from binarydm_jax import fileio
+from binarydm_jax.errors import UserError
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """The checkpoint in a directory was written for a different model than the current config."""
 
 
-class CheckpointDamagedError(ValueError):
+class CheckpointDamagedError(UserError, ValueError):
   """A stage directory holds checkpoints, but none of them can be read."""
 
 

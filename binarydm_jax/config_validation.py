@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import ml_collections
 
-from binarydm_jax import first_stage
+from binarydm_jax import first_stage, student
 from binarydm_jax.diffusion import BETA_SCHEDULES
 from binarydm_jax.errors import ConfigError
 from binarydm_jax.export import FP_DTYPES
 from binarydm_jax.image_folder import MODES
 from binarydm_jax.input_pipeline import DATASET_NAMES
 from binarydm_jax.models.autoencoder import AutoencoderConfig
+from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.qat_optim import (
   EBB_REDUCTIONS,
   LR_SCHEDULES,
@@ -24,6 +26,8 @@ from binarydm_jax.score import MIN_SAMPLES
 from binarydm_jax.switch import HANDOVERS
 
 _REQUIRED = object()
+# `_validate_quant`'s keys of the student policies that built.
+_BUILT_POLICIES: set[str] = set()
 
 
 def _get(config: ml_collections.ConfigDict, key: str, default: Any = _REQUIRED) -> Any:
@@ -188,6 +192,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config, "mesh.data", lambda v: v == -1 or _positive_int(v), "-1 (all devices) or a positive int"
   )
   _check(config, "mesh.fsdp", _positive_int, "a positive int")
+  _validate_quant(config)  # Last: it traces the UNet, after every cheap check has passed.
 
 
 def _validate_first_stage(config: ml_collections.ConfigDict) -> AutoencoderConfig | None:
@@ -215,8 +220,26 @@ def _validate_first_stage(config: ml_collections.ConfigDict) -> AutoencoderConfi
   return ae
 
 
+def _validate_quant(config: ml_collections.ConfigDict) -> None:
+  """The `quant` section, by building the student's policy as the student stage will.
+
+  Building it traces the UNet (seconds), so the inputs of each policy that built are remembered:
+  the policy is a pure function of them.
+  """
+  settings = student.resolve_settings(config.qat, config.quant)
+  image_shape = (config.data.image_size, config.data.image_size, config.model.channels)
+  key = json.dumps(
+    [config.model.to_dict(), config.quant.to_dict(), settings.ebb, image_shape],
+    sort_keys=True,
+    default=repr,
+  )
+  if key not in _BUILT_POLICIES:
+    student.student_policy(config, settings, unet_from_config(config.model), image_shape)
+    _BUILT_POLICIES.add(key)
+
+
 def _validate_qat(config: ml_collections.ConfigDict) -> None:
-  """The `qat` section (the `quant` section is checked when its policy is built)."""
+  """The `qat` section."""
   _check(config, "qat.method", *_one_of(("binarydm", "baseline", "fp")))
   for key in ("ebb", "lrm"):
     _check(config, f"qat.{key}", lambda v: v is None or isinstance(v, bool), "None, True or False")

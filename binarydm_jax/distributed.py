@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 from absl import logging
 
+from binarydm_jax.errors import FlagError
+
 MODES = ("off", "auto", "explicit")
 
 
@@ -22,13 +24,16 @@ def initialize(
     coordinator_address: host:port of process 0 ('explicit' only).
     num_processes: total number of processes ('explicit' only).
     process_id: this process's index ('explicit' only).
+
+  Raises:
+    FlagError: an unknown mode, or 'explicit' without its three settings.
   """
   if mode not in MODES:
-    raise ValueError(f"--distributed={mode!r}: expected one of {MODES}")
+    raise FlagError(f"--distributed={mode!r}: expected one of {MODES}")
   if mode == "off":
     return
   if mode == "explicit" and None in (coordinator_address, num_processes, process_id):
-    raise ValueError(
+    raise FlagError(
       "--distributed=explicit needs --coordinator_address, --num_processes and --process_id"
     )
   # CPU devices of different processes talk through gloo (TPU/GPU use their own interconnect).

@@ -22,8 +22,9 @@ App. B.2 Eq. 18), per sample (batch 1):
 
 Forms: `fp` (every param float32, every MAC a FLOP), `deployed` (the policy with one basis per
 binarized layer: the pure 1-bit model after basis evolution), `high_order` (two bases in every
-binarized layer: paper Eq. 18, its 70.2 MB / 12.6 G OPs row) and `stage1` (the policy as
-configured: EBB stage 1, head/tail with `head_tail_bases`, also the released code's "W1.1" model).
+binarized layer: paper Eq. 18, its 70.2 MB / 12.6 G OPs row) and `stage1` (the student's policy as
+trained: EBB stage 1, head/tail with `head_tail_bases`, also the released code's "W1.1" model;
+one basis everywhere without EBB).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -44,9 +44,11 @@ from absl import app, flags
 from etils import epath
 from ml_collections import config_flags
 
+from binarydm_jax import student
+from binarydm_jax.errors import one_line_errors
 from binarydm_jax.flag_parsing import parse_flags
 from binarydm_jax.models.unet import AttnBlock, unet_from_config
-from binarydm_jax.quant import LayerQuant, QuantConv, QuantDense, QuantPolicy, policy_from_config
+from binarydm_jax.quant import LayerQuant, QuantConv, QuantDense, QuantPolicy
 from binarydm_jax.quant.lsq import FULL_PRECISION_BITS, SIGNED
 from binarydm_jax.quant.policy import BINARY, FP, FULL_PRECISION
 
@@ -301,9 +303,12 @@ def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 def account(
   config: ml_collections.ConfigDict, *, fp_dtype: str = "float32", count_attention: bool = False
 ) -> dict[str, Any]:
-  """`account_model` for the UNet and quantization policy of a job config.
+  """`account_model` for the UNet and the quantization policy of a job config's student.
 
-  Reads only `config.model`, `config.quant` and `config.data.image_size`.
+  The policy is the one the student stage trains (`student.student_policy` with the settings
+  resolved from `config.qat` and `config.quant`): a run without EBB (e.g. qat.method='baseline')
+  has one basis in every binarized layer, so its `stage1` form equals `deployed`. Reads only
+  `config.model`, `config.quant`, `config.qat` and `config.data.image_size`.
 
   Args:
     config: a job config (configs/*.py).
@@ -315,7 +320,8 @@ def account(
   """
   shape = image_shape(config)
   model = unet_from_config(config.model)
-  policy = policy_from_config(config.quant, model, shape)
+  settings = student.resolve_settings(config.qat, config.quant)
+  policy = student.student_policy(config, settings, model, shape)
   inputs = (
     jax.ShapeDtypeStruct((1, *shape), jnp.float32),
     jax.ShapeDtypeStruct((1,), jnp.int32),
@@ -425,13 +431,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
-  try:
+  with one_line_errors():
     result = account(
       config, fp_dtype=flags.FLAGS.fp_dtype, count_attention=flags.FLAGS.count_attention
     )
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   print(format_report(result))
   if flags.FLAGS.json:
     _dump(result, flags.FLAGS.json)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
 from binarydm_jax import sample_shards, sampling, score, sharding
@@ -29,19 +28,11 @@ from binarydm_jax.fileio import write_atomic
 from binarydm_jax.input_pipeline import ImageDataset
 from binarydm_jax.job import Job
 
+if TYPE_CHECKING:
+  from clu import metric_writers
+
 SHARD_SIZE = 1000  # Samples per resumable shard of the inception metric.
 INCEPTION_SCALARS = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "kid_std")
-
-
-def check_ready(config: ml_collections.ConfigDict) -> None:
-  """Fails fast (before any training) when `config.eval.metric` cannot run at the end.
-
-  Raises:
-    inception.InceptionError: (one line, saying where to download the weights and where they
-      go) for metric 'inception' when `eval.inception_dir` holds no converted FID Inception.
-  """
-  if config.eval.metric == "inception":
-    inception.check_weights(config.eval.inception_dir)
 
 
 def evaluate_model(
@@ -186,9 +177,12 @@ def write_results(results: dict[str, Any], workdir: str) -> None:
 
 if __name__ == "__main__":
   # `python -m binarydm_jax.evaluate --samples=... --ref=...`: the CLI lives in `evaluate_cli`,
-  # so that importing this module (as the job does) defines no flags.
-  from absl import app
+  # so that importing this module (as the job does) defines no flags. absl's `--help` prints the
+  # main module's docstring and key flags: make them the CLI's.
+  from absl import app, flags
 
   from binarydm_jax import evaluate_cli
 
+  __doc__ = evaluate_cli.__doc__
+  flags.adopt_module_key_flags(evaluate_cli)
   app.run(evaluate_cli.main)

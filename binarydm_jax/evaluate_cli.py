@@ -22,16 +22,15 @@ images: the same metrics against the real uint8 RGB images of --ref_npz (an .npz
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 import numpy as np
 from absl import app, flags
 from etils import epath
 
+from binarydm_jax.errors import one_line_errors
 from binarydm_jax.evaluation import inception, reference
-from binarydm_jax.input_pipeline import DatasetNotFoundError
-from binarydm_jax.sample_shards import MANIFEST_NAME, SamplesError, load_samples
+from binarydm_jax.sample_shards import MANIFEST_NAME, load_samples
 from binarydm_jax.score import (
   REFS,
   check_samples,
@@ -78,7 +77,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not (_SAMPLES.value and _REF.value and _JSON.value):
     raise app.UsageError("pass --samples=PATH, --ref=digits|cifar10|images and --json=OUT")
-  try:
+  with one_line_errors():
     images = load_samples(_SAMPLES.value)
     check_samples(images, _REF.value)
     if _REF.value == "digits":
@@ -94,15 +93,6 @@ def main(argv: list[str]) -> None:
         _REF_STATS.value,
         _SEED.value,
       )
-  except (
-    SamplesError,
-    inception.InceptionError,
-    reference.ReferenceStatsError,
-    DatasetNotFoundError,
-    ValueError,
-  ) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   manifest = epath.Path(_SAMPLES.value) / MANIFEST_NAME
   if manifest.is_file():
     result["generation"] = json.loads(manifest.read_text())

@@ -140,10 +140,8 @@ def save(
   return path
 
 
-def load(path: str | os.PathLike) -> tuple[AutoencoderConfig, Any]:
-  """Reads a checkpoint written by `save`; a missing or foreign directory is a one-line error."""
-  import orbax.checkpoint as ocp
-
+def _checkpoint_dir(path: str | os.PathLike) -> epath.Path:
+  """`path` made absolute, if it looks like a checkpoint written by `save`; else FirstStageError."""
   path = fileio.absolute(path)
   if not ((path / "config").is_dir() and (path / "params").is_dir()):
     raise FirstStageError(
@@ -151,6 +149,26 @@ def load(path: str | os.PathLike) -> tuple[AutoencoderConfig, Any]:
       "Convert the LDM's model.ckpt once: python -m binarydm_jax.convert --ldm_checkpoint=FILE "
       "--config=CONFIG --output=DIR, then pass --config.first_stage.source=DIR/first_stage"
     )
+  return path
+
+
+def check_source(config: ml_collections.ConfigDict) -> None:
+  """Fails unless the job's `first_stage.source` (if it has one) holds a first-stage checkpoint.
+
+  Reads no params: what a job checks before any work.
+
+  Raises:
+    FirstStageError: no checkpoint written by `save` at the source.
+  """
+  if autoencoder_config(config) is not None and config.first_stage.source:
+    _checkpoint_dir(config.first_stage.source)
+
+
+def load(path: str | os.PathLike) -> tuple[AutoencoderConfig, Any]:
+  """Reads a checkpoint written by `save`; a missing or foreign directory is a one-line error."""
+  import orbax.checkpoint as ocp
+
+  path = _checkpoint_dir(path)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
     stored = checkpointer.restore(path, ocp.args.Composite(config=ocp.args.JsonRestore()))
     stored = stored["config"]

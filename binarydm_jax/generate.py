@@ -9,15 +9,11 @@ See `binarydm_jax.sample_shards` for the shard layout, resuming and `load_sample
 
 from __future__ import annotations
 
-import sys
-
 import jax
 from absl import app, flags
 
-from binarydm_jax import workdir
-from binarydm_jax.errors import TeacherError
-from binarydm_jax.export import ExportError
-from binarydm_jax.sample_shards import SamplesError, generate
+from binarydm_jax.errors import one_line_errors
+from binarydm_jax.sample_shards import generate
 from binarydm_jax.sampleable import load
 
 _EXPORT = flags.DEFINE_string(
@@ -47,7 +43,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("pass --out=DIR for the shards")
   if _STEPS.value is not None and _STEPS.value < 1:
     raise app.UsageError("--steps must be positive")
-  try:
+  with one_line_errors():
     source = load(_EXPORT.value, _WORKDIR.value, _WHICH.value, _INFERENCE.value)
     result = generate(
       source,
@@ -61,9 +57,6 @@ def main(argv: list[str]) -> None:
       shard_size=_SHARD.value,
       log=lambda line: print(line, flush=True),
     )
-  except (ExportError, workdir.WorkdirError, TeacherError, SamplesError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   if jax.process_index() == 0:
     print(
       f"{result['num_samples']} samples of the {source.name} in {_OUT.value} "

@@ -11,17 +11,21 @@ of the same global batch.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
 import numpy as np
 import sklearn.datasets
-import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
+from binarydm_jax import lazy_imports
 from binarydm_jax.errors import DatasetError
-from binarydm_jax.image_folder import center_square, read_image_folder
+from binarydm_jax.image_folder import center_square, list_images, read_image_folder
+
+if TYPE_CHECKING:
+  import tensorflow_datasets as tfds
 
 DATASET_NAMES = ("digits", "cifar10", "folder", "lsun_bedrooms", "lsun_churches", "synthetic")
 # Our names of the tensorflow-datasets LSUN categories (the paper's LDM datasets).
@@ -194,6 +198,20 @@ def load_dataset(data_config: ml_collections.ConfigDict, channels: int = 3) -> I
   )
 
 
+def check_available(data_config: ml_collections.ConfigDict) -> None:
+  """Fails unless `load_dataset(data_config)` finds its images; reads none of them.
+
+  Raises:
+    DatasetNotFoundError: CIFAR-10 or LSUN not prepared in `data_dir` (saying how to prepare it).
+    DatasetError: a missing or empty image folder.
+  """
+  name, data_dir = data_config.name, data_config.get("data_dir", None)
+  if name == "cifar10" or name in LSUN_CATEGORIES:
+    _builder(name, data_dir)
+  elif name == "folder":
+    list_images(_folder(data_dir))
+
+
 def _to_model_range(images: np.ndarray, max_value: float, image_size: int) -> np.ndarray:
   """Maps NHWC images in [0, max_value] to float32 [-1, 1], resized bilinearly."""
   scaled = images.astype(np.float32)
@@ -231,11 +249,7 @@ def _load_folder(
   directory: str | None, image_size: int, channels: int, heldout_fraction: float
 ) -> _Splits:
   """Every PNG/JPEG under `directory`, square-cropped; held out as digits are, over sorted paths."""
-  if not directory:
-    raise DatasetError(
-      "data.name='folder' needs a directory of PNG/JPEG files: pass --config.data.data_dir=DIR"
-    )
-  images, names = read_image_folder(directory, image_size, channels)
+  images, names = read_image_folder(_folder(directory), image_size, channels)
   if len(images) < 2:
     raise DatasetError(
       f"image folder {directory!r} holds only {names[0]!r}: a train and a held-out split need "
@@ -250,9 +264,26 @@ def _load_folder(
   )
 
 
+def _folder(directory: str | None) -> str:
+  """The image folder of data.name='folder', which must be given."""
+  if not directory:
+    raise DatasetError(
+      "data.name='folder' needs a directory of PNG/JPEG files: pass --config.data.data_dir=DIR"
+    )
+  return directory
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The prepared tfds builder of `name` ('cifar10' or a key of LSUN_CATEGORIES)."""
+  if name == "cifar10":
+    return _prepared_builder("cifar10", "CIFAR-10", data_dir)
+  tfds_name = LSUN_CATEGORIES[name]
+  return _prepared_builder(tfds_name, f"LSUN {tfds_name.split('/')[1]} ({name})", data_dir)
+
+
 def _prepared_builder(tfds_name: str, title: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The tfds builder of `tfds_name`, or DatasetNotFoundError saying how to prepare it offline."""
-  builder = tfds.builder(tfds_name, data_dir=data_dir)
+  builder = lazy_imports.tfds().builder(tfds_name, data_dir=data_dir)
   if not builder.is_prepared():
     root = builder.data_dir_root
     raise DatasetNotFoundError(
@@ -267,7 +298,7 @@ def _prepared_builder(tfds_name: str, title: str, data_dir: str | None) -> tfds.
 
 def _load_cifar10(image_size: int, data_dir: str | None) -> _Splits:
   """CIFAR-10 `train` for training and `test` as held-out, from a prepared tfds dir."""
-  builder = _prepared_builder("cifar10", "CIFAR-10", data_dir)
+  builder = _builder("cifar10", data_dir)
   train, train_labels = _read_tfds_split(builder, "train")
   heldout, heldout_labels = _read_tfds_split(builder, "test")
   return (
@@ -283,7 +314,7 @@ def _read_tfds_split(
 ) -> tuple[np.ndarray, np.ndarray]:
   """All uint8 images and int32 labels of a split, read in fixed-size chunks."""
   dataset = builder.as_dataset(split=split, shuffle_files=False).batch(_TFDS_CHUNK)
-  chunks = list(tfds.as_numpy(dataset))
+  chunks = list(lazy_imports.tfds().as_numpy(dataset))
   images = np.concatenate([chunk["image"] for chunk in chunks])
   labels = np.concatenate([chunk["label"] for chunk in chunks]).astype(np.int32)
   return images, labels
@@ -295,11 +326,10 @@ def _load_lsun(name: str, image_size: int, data_dir: str | None, max_images: int
   LSUN images differ in size (the shorter side is 256), so each is cropped to its centred
   square and resized one at a time, as the LDM's LSUN loader does.
   """
-  tfds_name = LSUN_CATEGORIES[name]
-  builder = _prepared_builder(tfds_name, f"LSUN {tfds_name.split('/')[1]} ({name})", data_dir)
+  builder = _builder(name, data_dir)
 
   def read(split: str) -> np.ndarray:
-    rows = tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+    rows = lazy_imports.tfds().as_numpy(builder.as_dataset(split=split, shuffle_files=False))
     images = []
     for row in rows:
       images.append(center_square(Image.fromarray(row["image"]).convert("RGB"), image_size))

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import ml_collections
-from clu import metric_writers
 from jax.sharding import Mesh
 
 from binarydm_jax import diffusion, sampling
 from binarydm_jax.first_stage import FirstStage
 from binarydm_jax.input_pipeline import ImageDataset
 from binarydm_jax.sampling import Sampler
+
+if TYPE_CHECKING:
+  from clu import metric_writers
 
 # `make(stage name, sampler) -> on_sample(state, step)`: what a training stage does with samples.
 SampleCallbacks = Callable[[str, Sampler], Callable[[Any, int], None]]

@@ -7,23 +7,26 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 from jax.sharding import Mesh
 
-from binarydm_jax import checkpointing, sharding
+from binarydm_jax import checkpointing, lazy_imports, sharding
+from binarydm_jax.errors import UserError
 from binarydm_jax.input_pipeline import ImageDataset
 from binarydm_jax.preemption import Preempted, SigtermWatch
+
+if TYPE_CHECKING:
+  from clu import metric_writers
 
 StepFn = Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """The loss became NaN or infinite; the last good checkpoint is kept and nothing is saved."""
 
 
@@ -95,7 +98,7 @@ def run_stage(
 
   # Steps/s and ETA every log_every steps (not every minute: a report right after a long sampling
   # pause would divide one step by its duration), with the share of time spent sampling/saving.
-  progress = periodic_actions.ReportProgress(
+  progress = lazy_imports.periodic_actions().ReportProgress(
     num_train_steps=stage.num_steps, writer=writer, every_steps=training.log_every, every_secs=None
   )
   reporting = jax.process_index() == 0
@@ -106,7 +109,7 @@ def run_stage(
   pending: list[dict[str, jax.Array]] = []
   # Closing the manager (also on an error such as NonFiniteLossError) commits the async saves
   # still in flight, so the last checkpoint named in the error exists.
-  with SigtermWatch() as sigterm, metric_writers.ensure_flushes(writer), manager:
+  with SigtermWatch() as sigterm, lazy_imports.metric_writers().ensure_flushes(writer), manager:
     for step in range(start, stage.num_steps):
       if step in stage.transitions:
         state = stage.transitions[step](state)

@@ -1,17 +1,15 @@
 """Command line: `python -m binarydm_jax.main --config=configs/digits.py --workdir=DIR`.
 
-Intentionally short: flags in, `pipeline.run(config, workdir)` out. Known user errors
-(bad config, missing data or Inception weights, wrong or damaged checkpoint, NaN loss, a workdir
-that is a file or in use by another job) are printed as one line, not a traceback. A preempted job
-(SIGTERM) logs where it saved and exits 0; rerunning it resumes.
+Intentionally short: flags in, `pipeline.run_command(config, workdir)` out. User errors (bad
+config, missing data or Inception weights, wrong or damaged checkpoint, NaN loss, a workdir that
+is a file or in use by another job) are printed as one line; anything else is a bug and keeps its
+traceback. A preempted job (SIGTERM) logs where it saved and exits 0; rerunning it resumes.
 """
 
-import logging as pylogging
-import sys
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from binarydm_jax.errors import one_line_errors
 from binarydm_jax.flag_parsing import parse_flags
 
 FLAGS = flags.FLAGS
@@ -33,54 +31,18 @@ flags.DEFINE_integer("process_id", None, "This process's index (--distributed=ex
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of orbax (several lines per checkpoint); warnings still pass."""
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: list[str]) -> None:
+  """Runs the job of --config in --workdir."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here so that `--help` and flag errors stay fast.
-  import jax
-  import tensorflow as tf
+  from binarydm_jax import distributed, pipeline
 
-  from binarydm_jax import distributed, pipeline, workdir_lock
-  from binarydm_jax.checkpointing import CheckpointDamagedError, CheckpointMismatchError
-  from binarydm_jax.errors import ConfigError, DatasetError, TeacherError
-  from binarydm_jax.evaluation.inception import InceptionError
-  from binarydm_jax.evaluation.reference import ReferenceStatsError
-  from binarydm_jax.loop import NonFiniteLossError
-  from binarydm_jax.preemption import Preempted
-
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  distributed.initialize(
-    FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-  )
-  tf.config.set_visible_devices([], "GPU")  # TF only reads data; keep the accelerators for JAX.
-  logging.info(
-    "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
-  )
-  try:
-    with workdir_lock.hold(FLAGS.workdir):
-      pipeline.run(FLAGS.config, FLAGS.workdir)
-  except Preempted as e:  # Nothing evaluated or exported: the rerun continues the stage.
-    logging.warning("%s", e)
-  except (
-    ConfigError,
-    DatasetError,
-    CheckpointMismatchError,
-    CheckpointDamagedError,
-    NonFiniteLossError,
-    TeacherError,
-    InceptionError,
-    ReferenceStatsError,
-    workdir_lock.BadWorkdirError,
-  ) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  with one_line_errors():
+    distributed.initialize(
+      FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+    pipeline.run_command(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

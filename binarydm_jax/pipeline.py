@@ -7,12 +7,12 @@ workdir picks up where it stopped.
 
 from __future__ import annotations
 
+import logging as pylogging
 from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers
 from etils import epath
 
 from binarydm_jax import (
@@ -21,25 +21,32 @@ from binarydm_jax import (
   evaluate,
   export,
   first_stage,
+  lazy_imports,
+  prerequisites,
   qat,
   sampling,
   sharding,
+  student,
   train,
+  workdir_lock,
 )
 from binarydm_jax.config_validation import validate_config
 from binarydm_jax.input_pipeline import ImageDataset, load_dataset
 from binarydm_jax.job import Job
 from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.preemption import Preempted
 from binarydm_jax.teacher import assert_same_architecture, load_teacher
 
 
 def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
-  """Checks the config and what the evaluation needs, then builds the mesh, data, UNet and writer.
+  """Checks the config and the job's prerequisites, then builds the mesh, data, UNet and writer.
 
-  Everything that can fail on bad input fails here, before any training.
+  Everything that can fail on bad input fails here, before any training: every config value
+  (the student's quantization policy included) and every missing prerequisite (data, teacher,
+  first stage, Inception weights) before the workdir is even created.
   """
   validate_config(config)
-  evaluate.check_ready(config)  # E.g. the Inception weights, before hours of training.
+  prerequisites.check(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   for key in ("training.batch_size", "qat.batch_size", "eval.batch_size", "sampling.grid_size"):
@@ -47,7 +54,8 @@ def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
     sharding.check_batch_divisible(config[section][field], mesh, f"config.{key}")
   logging.info("Mesh: %s over %d process(es)", dict(mesh.shape), jax.process_count())
   images, first, dataset = load_data(config)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writers = lazy_imports.metric_writers()
+  writer = writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0 and not (epath.Path(workdir) / "teacher").exists():
     writer.write_hparams(_flat_hparams(config))
   return Job(
@@ -139,14 +147,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   evaluate.write_results(results, workdir)
   if config.qat.method != "fp":
-    student, student_state = qat.train_student(job, teacher_params)
+    student_model, student_state = qat.train_student(job, teacher_params)
     student_id = f"step {config.qat.num_steps}"
-    scores = evaluate.evaluate_model(job, "student", student_state.ema_params, student, student_id)
-    results["student"] = scores | qat.describe_student(config)
+    scores = evaluate.evaluate_model(
+      job, "student", student_state.ema_params, student_model, student_id
+    )
+    results["student"] = scores | student.describe_student(config)
     evaluate.write_results(results, workdir)
     export_stage(job, student_state)
   job.writer.flush()
   return results
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of orbax (several lines per checkpoint); warnings still pass."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def run_command(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """`run` as `python -m binarydm_jax.main` does it: quiet orbax, holding the workdir's lock.
+
+  A preempted job (SIGTERM) logs where it saved and returns: nothing was evaluated or exported,
+  and rerunning the same command resumes the stage.
+
+  Raises:
+    UserError: a bad config, a missing prerequisite, a workdir in use, a NaN loss, ... (one line).
+  """
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.info(
+    "JAX process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
+  )
+  try:
+    with workdir_lock.hold(workdir):
+      run(config, workdir)
+  except Preempted as e:
+    logging.warning("%s", e)
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -10,14 +10,11 @@ as uint8 NHWC. Sampler settings default to the model's own config (its `sampling
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 from etils import epath
 
-from binarydm_jax import fileio, sampling, workdir
-from binarydm_jax.errors import TeacherError
-from binarydm_jax.export import ExportError
+from binarydm_jax import fileio, sampling
+from binarydm_jax.errors import one_line_errors
 from binarydm_jax.sampleable import draw, load
 
 _EXPORT = flags.DEFINE_string(
@@ -47,12 +44,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("pass --out=grid.png and/or --npz=samples.npz")
   if _NUM.value < 1 or _BATCH.value < 1 or (_STEPS.value is not None and _STEPS.value < 1):
     raise app.UsageError("--num, --batch_size and --steps must be positive")
-  try:
+  with one_line_errors():
     source = load(_EXPORT.value, _WORKDIR.value, _WHICH.value, _INFERENCE.value)
     images = draw(source, _NUM.value, _SAMPLER.value, _STEPS.value, _SEED.value, _BATCH.value)
-  except (ExportError, workdir.WorkdirError, TeacherError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   written = []
   if _OUT.value:
     sampling.save_png(sampling.image_grid(sampling.upscale(images, GRID_MIN_SIZE)), _OUT.value)

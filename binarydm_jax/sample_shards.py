@@ -32,13 +32,14 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from binarydm_jax import fileio, sampling
+from binarydm_jax.errors import UserError
 from binarydm_jax.sampleable import Sampleable, sampler_on, settings
 
 MANIFEST_NAME = "generation.json"
 SHARD_PREFIX = "samples_"
 
 
-class SamplesError(ValueError):
+class SamplesError(UserError, ValueError):
   """Unreadable samples, or a generation directory that does not fit the request."""
 
 

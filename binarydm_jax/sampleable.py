@@ -11,6 +11,7 @@ import numpy as np
 from etils import epath
 
 from binarydm_jax import diffusion, first_stage, sampling, sharding, workdir
+from binarydm_jax.errors import FlagError
 from binarydm_jax.export import load_export
 from binarydm_jax.export.manifest import FIRST_STAGE
 from binarydm_jax.first_stage import FirstStage
@@ -89,7 +90,17 @@ def settings(
   steps: int | None = None,
   eta: float | None = None,
 ) -> ml_collections.ConfigDict:
-  """The model's `sampling` settings with the sampler, DDIM steps and eta given (not None) replaced."""
+  """The model's `sampling` settings with the sampler, DDIM steps and eta given (not None) replaced.
+
+  Raises:
+    FlagError: `steps` outside [1, the model's diffusion.num_timesteps].
+  """
+  num_timesteps = source.diffusion.num_timesteps
+  if steps is not None and not 1 <= steps <= num_timesteps:
+    raise FlagError(
+      f"--steps={steps}: DDIM steps must be in [1, {num_timesteps}] (the model's "
+      "diffusion.num_timesteps)"
+    )
   result = ml_collections.ConfigDict(source.sampling.to_dict())
   result.sampler = sampler or result.sampler
   result.ddim_steps = steps or result.ddim_steps

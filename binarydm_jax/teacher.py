@@ -178,6 +178,32 @@ def _download(source: str) -> epath.Path:
   return epath.Path(local)
 
 
+def _local_path(source: str | os.PathLike) -> epath.Path:
+  """`source` itself if it exists, else (a hub id) its download into the hub's cache."""
+  path = epath.Path(source).expanduser()
+  if path.exists():
+    return path
+  if not _HUB_ID.match(str(source)):
+    raise TeacherError(_missing_files_message(str(source), "no such file or directory"))
+  return _download(str(source))
+
+
+def check_source(source: str | os.PathLike) -> None:
+  """Fails unless `load_teacher(source)` finds a teacher there; its params are not read.
+
+  A hub id is downloaded here (into the hub's cache, where `load_teacher` finds it again).
+
+  Raises:
+    TeacherError: no such path or hub id, or neither an orbax teacher checkpoint nor a diffusers
+      UNet2DModel directory there.
+  """
+  path = _local_path(source)
+  if _orbax_item_dir(path) is None:
+    from binarydm_jax.convert.diffusers_unet import find_model_dir
+
+    find_model_dir(path)
+
+
 def load_teacher(source: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any]:
   """Loads a full-precision teacher UNet.
 
@@ -192,12 +218,7 @@ def load_teacher(source: str | os.PathLike) -> tuple[ml_collections.ConfigDict, 
   Raises:
     TeacherError: one message naming what is missing or unsupported.
   """
-  path = epath.Path(source).expanduser()
-  if not path.exists():
-    if not _HUB_ID.match(str(source)):
-      raise TeacherError(_missing_files_message(str(source), "no such file or directory"))
-    path = _download(str(source))
-
+  path = _local_path(source)
   item_dir = _orbax_item_dir(path)
   if item_dir is not None:
     return _load_orbax(fileio.absolute(item_dir))

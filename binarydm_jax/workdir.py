@@ -16,9 +16,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from binarydm_jax import fileio, qat
+from binarydm_jax import fileio, student
+from binarydm_jax.errors import UserError
 from binarydm_jax.models.unet import param_shapes, unet_from_config
-from binarydm_jax.quant import with_policy
 from binarydm_jax.teacher import load_teacher
 
 STUDENT_ADVICE = (
@@ -27,7 +27,7 @@ STUDENT_ADVICE = (
 )
 
 
-class WorkdirError(Exception):
+class WorkdirError(UserError):
   """A workdir without the requested checkpoint, or one that does not match its config."""
 
 
@@ -69,10 +69,8 @@ def _latest(stage_dir: epath.Path, with_state: bool) -> tuple[int, dict[str, Any
 
 
 def student_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """The QAT student of `config`: its UNet under the policy the student stage trains."""
-  model = unet_from_config(config.model)
-  settings = qat.resolve_settings(config.qat)
-  return with_policy(model, qat.student_policy(config, settings, model, image_shape(config)))
+  """The QAT student of a job's `config` (`student.student_model` of its UNet and images)."""
+  return student.student_model(config, unet_from_config(config.model), image_shape(config))
 
 
 def load_student(workdir: str | os.PathLike) -> TrainedModel:

@@ -25,11 +25,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from binarydm_jax import fileio
+from binarydm_jax.errors import UserError
 
 LOCK_NAME = ".lock"
 
 
-class BadWorkdirError(Exception):
+class BadWorkdirError(UserError):
   """The workdir cannot be used: not a directory, or another job holds its lock."""
 
 

@@ -112,6 +112,12 @@ def test_smoke_job_as_documented(tmp_path, session_dir):
     ),
     ("--config.data.name=mnist", "error: config.data.name='mnist': expected one of"),
     ("--config.qat.switch_step=10", "error: config.qat.switch_step=10: the EBB switch (step 10)"),
+    # The student's quantization policy is built before the teacher trains (minutes on digits).
+    ("--config.quant.preset=W9A9", "error: config.quant.preset='W9A9': expected one of W1A4"),
+    (
+      "--config.quant.rules=(('nomatch_layer',),)",
+      "error: config.quant.rules[0].regex='nomatch_layer': matches no layer",
+    ),
   ],
 )
 def test_bad_config_is_one_error_line_before_any_work(tmp_path, session_dir, flag, expected):
@@ -133,7 +139,7 @@ def test_missing_cifar10_data_dir(tmp_path, session_dir):
       "--config=configs/cifar.py",
       f"--workdir={tmp_path / 'work'}",
       f"--config.data.data_dir={empty}",
-      "--config.eval.metric=none",  # Else the missing Inception weights stop it first.
+      "--config.eval.metric=none",  # Else the missing Inception weights are named too.
     ],
     session_dir,
     timeout=120,  # no network look-ups: a missing dataset fails at once
@@ -146,12 +152,15 @@ def test_missing_cifar10_data_dir(tmp_path, session_dir):
   assert os.listdir(empty) == []  # nothing downloaded or created
 
 
-def test_missing_inception_weights_stop_the_cifar10_job_first(tmp_path, session_dir):
-  absent = tmp_path / "inception"
+def test_missing_data_and_inception_weights_are_named_in_one_error(tmp_path, session_dir):
+  """Every missing prerequisite in the first run's one line, not one per try."""
+  empty, absent = tmp_path / "empty", tmp_path / "inception"
+  empty.mkdir()
   result = run_main(
     [
       "--config=configs/cifar.py",
       f"--workdir={tmp_path / 'work'}",
+      f"--config.data.data_dir={empty}",
       f"--config.eval.inception_dir={absent}",
     ],
     session_dir,
@@ -160,6 +169,7 @@ def test_missing_inception_weights_stop_the_cifar10_job_first(tmp_path, session_
   assert result.returncode == 1
   assert "Traceback" not in result.stderr, result.stderr
   (line,) = _error_lines(result.stderr)
-  assert line.startswith(f"error: no converted FID Inception weights in {absent}"), line
-  assert "download https://" in line and f"--out={absent}" in line
-  assert not list((tmp_path / "work").glob("*"))  # Before the data, the model or any training.
+  assert line.startswith("error: 2 things this job needs are missing: (1) CIFAR-10 is not prepared")
+  assert f"(2) no converted FID Inception weights in {absent}" in line
+  assert f"--config.data.data_dir={empty}" in line and f"--out={absent}" in line
+  assert not (tmp_path / "work").exists()  # Before the data, the model or any training.

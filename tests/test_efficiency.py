@@ -226,3 +226,30 @@ def test_cli_bad_config_field_is_one_line():
     "error: unknown config field 'nope' in --config.quant.nope; see the config file for the valid "
     "fields"
   ]
+
+
+def _binary_bases(result, form):
+  """The numbers of bases of the binarized layers in `form`."""
+  return {r[form]["bases"] for r in result["layers"] if r[form]["treatment"] == efficiency.BINARY}
+
+
+def test_stage1_is_the_students_own_first_stage():
+  """`stage1` costs the policy the student stage trains: two bases in the head/tail with EBB,
+  one basis everywhere for a baseline run (which never had a second one)."""
+  config = digits.get_config()
+  binarydm = efficiency.account(config)
+  assert _binary_bases(binarydm, "stage1") == {1, 2}
+  assert binarydm["stage1"]["bops"] > binarydm["deployed"]["bops"]
+  config.qat.method = "baseline"
+  baseline = efficiency.account(config)
+  assert _binary_bases(baseline, "stage1") == {1}
+  assert baseline["stage1"] == baseline["deployed"]
+  assert baseline["high_order"] == binarydm["high_order"]  # Eq. 18's model does not change.
+
+
+def test_cli_bad_quant_preset_is_one_line():
+  proc = _run_cli("--config=configs/digits.py", "--config.quant.preset=W9A9")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+    "error: config.quant.preset='W9A9': expected one of W1A4, W1A8, W1A32, baseline, fp"
+  ]

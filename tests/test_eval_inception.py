@@ -80,7 +80,7 @@ def test_the_job_scores_inception_metrics_and_resumes_its_shards(
   assert {k: again[k] for k in metrics} == {k: scores[k] for k in metrics}
 
 
-def test_missing_weights_stop_the_job_before_any_work(tmp_path):
+def test_missing_weights_stop_the_job_before_any_work(tmp_path, mocked_cifar10):
   config = tiny_cifar_config(tmp_path, tmp_path / "absent")
   with pytest.raises(inception.InceptionError) as excinfo:
     pipeline.run(config, str(tmp_path / "work"))

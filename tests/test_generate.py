@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from binarydm_jax.errors import FlagError
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.sample_shards import SamplesError, generate, load_samples, shard_path
-from binarydm_jax.sampleable import Sampleable
+from binarydm_jax.sampleable import Sampleable, settings
 from tests.test_export import one_line, tiny_config
 
 
@@ -112,3 +113,10 @@ def test_load_samples_reads_an_npz_and_refuses_what_is_not_samples(tmp_path):
     with pytest.raises(SamplesError) as excinfo:
       load_samples(path)
     assert message in one_line(excinfo)
+
+
+def test_steps_beyond_the_models_timesteps_are_a_flag_error(source, tmp_path):
+  with pytest.raises(FlagError) as excinfo:
+    generate(source, tmp_path, 4, steps=1001, batch_size=8)
+  assert one_line(excinfo).startswith("--steps=1001: DDIM steps must be in [1, 1000]")
+  assert settings(source, steps=1000).ddim_steps == 1000

@@ -11,10 +11,18 @@ import pytest
 from clu import metric_writers
 
 from binarydm_jax import checkpointing, diffusion, qat, qat_optim, sharding
+from binarydm_jax.errors import ConfigError
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.job import Job
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import param_labels, with_policy
+from binarydm_jax.student import (
+  QATSettings,
+  collapse_higher_scales,
+  describe_student,
+  resolve_settings,
+  student_policy,
+)
 from binarydm_jax.train_state import ema_decay_at
 from configs import digits
 
@@ -56,8 +64,8 @@ def setup(config, mesh_config=None):
   """Teacher (random init), student state and the jitted QAT step on a mesh."""
   mesh, dataset, teacher, teacher_params, schedule = random_teacher(config, mesh_config)
   image_shape = dataset.train.shape[1:]
-  settings = qat.resolve_settings(config.qat)
-  policy = qat.student_policy(config, settings, teacher, image_shape)
+  settings = resolve_settings(config.qat)
+  policy = student_policy(config, settings, teacher, image_shape)
   student = with_policy(teacher, policy)
   qat_config = ml_collections.ConfigDict(config.qat.to_dict())
   qat_config.switch_step = settings.switch_step
@@ -129,8 +137,8 @@ def test_binarydm_evolves_to_a_pure_single_basis_model():
     np.testing.assert_array_equal(value, projections[name])
 
   # ... and the model is then exactly the single-basis (k = 1) binarized UNet.
-  one_basis = qat.student_policy(
-    config, qat.QATSettings(ebb=False, lrm=True, switch_step=4), teacher, (8, 8, 1)
+  one_basis = student_policy(
+    config, QATSettings(ebb=False, lrm=True, switch_step=4), teacher, (8, 8, 1)
   )
   x = jnp.asarray(dataset.heldout[:4])
   t = jnp.array([10, 200, 500, 900])
@@ -189,11 +197,11 @@ def test_sharded_step_equals_single_device(mesh, single_device_step):
 
 
 def test_switch_step_defaults_to_half_and_bad_values_are_config_errors():
-  assert qat.resolve_settings(tiny_config(num_steps=10).qat).switch_step == 5
-  with pytest.raises(qat.ConfigError, match="config.qat.method"):
-    qat.resolve_settings(tiny_config(method="xnor").qat)
-  with pytest.raises(qat.ConfigError, match="config.qat.switch_step"):
-    qat.resolve_settings(tiny_config(switch_step=-5).qat)
+  assert resolve_settings(tiny_config(num_steps=10).qat).switch_step == 5
+  with pytest.raises(ConfigError, match="config.qat.method"):
+    resolve_settings(tiny_config(method="xnor").qat)
+  with pytest.raises(ConfigError, match="config.qat.switch_step"):
+    resolve_settings(tiny_config(switch_step=-5).qat)
 
 
 def test_decoupled_transform_alone_respects_the_envelope():
@@ -212,12 +220,12 @@ def test_decoupled_transform_alone_respects_the_envelope():
 
 def test_describe_student_names_the_bit_width():
   config = tiny_config()
-  assert qat.describe_student(config)["bits"] == "W1A4"
+  assert describe_student(config)["bits"] == "W1A4"
   config.quant.preset = "baseline"
   config.quant.act_bits = 8
-  assert qat.describe_student(config)["bits"] == "W1A8"
+  assert describe_student(config)["bits"] == "W1A8"
   config.quant.preset = "fp"
-  assert qat.describe_student(config)["bits"] == "W32A32"
+  assert describe_student(config)["bits"] == "W32A32"
 
 
 @pytest.mark.slow  # 25 s each; test_switch checks the restart in the default suite.
@@ -239,7 +247,7 @@ def test_ema_restarts_from_the_single_basis_params_at_the_switch(restart):
   # Without the restart the EMA still remembers stage 1: the usual update, then the collapse.
   decay = float(ema_decay_at(jnp.asarray(step), config.qat.ema_decay, config.qat.ema_warmup))
   assert 0 < decay < 1
-  expected = qat.collapse_higher_scales(
+  expected = collapse_higher_scales(
     jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema_prev, params), jnp.asarray(True)
   )
   tolerance = {"rtol": 1e-6, "atol": 1e-7}

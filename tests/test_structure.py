@@ -17,15 +17,30 @@ def _module_name(path: pathlib.Path) -> str:
   return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imported(tree: ast.AST, modules: set[str]) -> set[str]:
-  """The package modules a file imports anywhere in it (`from binarydm_jax import x` names x)."""
+def _package(path: pathlib.Path) -> str:
+  """The package a file's relative imports start from (for `__init__.py`, its own)."""
+  return ".".join(path.parent.relative_to(PACKAGE.parent).parts)
+
+
+def _imported(tree: ast.AST, modules: set[str], package: str) -> set[str]:
+  """The package modules a file imports anywhere in it (`from binarydm_jax import x` names x).
+
+  Relative imports count from `package`: `from . import x` names package.x, `from .y import z`
+  names package.y (and package.y.z).
+  """
   found = set()
   for node in ast.walk(tree):
     if isinstance(node, ast.Import):
       found |= {alias.name for alias in node.names}
-    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
       found.add(node.module)
       found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.level > 0:
+      base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+      if node.module:
+        base = f"{base}.{node.module}"
+        found.add(base)
+      found |= {f"{base}.{alias.name}" for alias in node.names}
   return found & modules
 
 
@@ -34,7 +49,7 @@ def import_graph() -> nx.DiGraph:
   graph = nx.DiGraph()
   for name, path in files.items():
     graph.add_node(name)
-    for target in _imported(ast.parse(path.read_text()), set(files)):
+    for target in _imported(ast.parse(path.read_text()), set(files), _package(path)):
       # A package's __init__ re-exporting its own modules is not a cycle of layers.
       if target != name and not target.startswith(name + "."):
         graph.add_edge(name, target)
@@ -45,8 +60,58 @@ def test_the_graph_sees_the_known_edges():
   graph = import_graph()
   assert graph.has_edge("binarydm_jax.pipeline", "binarydm_jax.qat")
   assert graph.has_edge("binarydm_jax.teacher", "binarydm_jax.convert.diffusers_unet")  # Lazy.
+  assert graph.has_edge("binarydm_jax.export.writer", "binarydm_jax.export.layout")  # from . import
+  assert graph.has_edge("binarydm_jax.export.layout", "binarydm_jax.export.packing")  # from .x
+
+
+def test_relative_imports_resolve_from_the_files_package():
+  modules = {"binarydm_jax.export.layout", "binarydm_jax.export.packing", "binarydm_jax.errors"}
+  tree = ast.parse("from . import layout\nfrom .packing import pack_signs\nfrom .. import errors")
+  assert _imported(tree, modules, "binarydm_jax.export") == modules
 
 
 def test_no_import_cycles():
   cycles = list(nx.simple_cycles(import_graph()))
   assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in cycles[:5])
+
+
+# Imported only through `binarydm_jax.lazy_imports` (they import TensorFlow, which takes seconds).
+TENSORFLOW_MODULES = (
+  "tensorflow",
+  "tensorflow_datasets",
+  "clu.metric_writers",
+  "clu.periodic_actions",
+)
+
+
+def _runtime_imports(tree: ast.AST) -> set[str]:
+  """Modules a file imports anywhere but under `if TYPE_CHECKING:` (`from a import b`: a, a.b)."""
+  type_only = {
+    id(child)
+    for node in ast.walk(tree)
+    if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+    for child in ast.walk(node)
+  }
+  found = set()
+  for node in ast.walk(tree):
+    if id(node) in type_only:
+      continue
+    if isinstance(node, ast.Import):
+      found |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+      found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+  return found
+
+
+def test_tensorflow_is_imported_only_through_lazy_imports():
+  offenders = sorted(
+    f"{_module_name(path)}: {module}"
+    for path in PACKAGE.rglob("*.py")
+    if path.name != "lazy_imports.py"
+    for module in _runtime_imports(ast.parse(path.read_text()))
+    if module.startswith(TENSORFLOW_MODULES)
+  )
+  assert not offenders, offenders
+  assert "clu.metric_writers" in _runtime_imports(
+    ast.parse((PACKAGE / "lazy_imports.py").read_text())
+  )

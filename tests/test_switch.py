@@ -14,6 +14,7 @@ from binarydm_jax.quant import (
   sign,
   with_policy,
 )
+from binarydm_jax.student import QATSettings, describe_student, resolve_settings, student_policy
 from configs import digits
 from tests.test_qat import drop_higher, higher, random_teacher, random_teacher_job, tiny_config
 
@@ -147,9 +148,9 @@ def test_the_student_after_the_switch_is_exactly_the_single_basis_model(switched
   sampled, *_ = switched_run
   config = _default_qat()
   _, dataset, teacher, *_ = random_teacher(config)
-  settings = qat.QATSettings(ebb=False, lrm=True, switch_step=3)
-  one_basis = qat.student_policy(config, settings, teacher, (8, 8, 1))
-  two_basis = qat.student_policy(config, qat.resolve_settings(config.qat), teacher, (8, 8, 1))
+  settings = QATSettings(ebb=False, lrm=True, switch_step=3)
+  one_basis = student_policy(config, settings, teacher, (8, 8, 1))
+  two_basis = student_policy(config, resolve_settings(config.qat), teacher, (8, 8, 1))
   x, t = jnp.asarray(dataset.heldout[:4]), jnp.array([10, 200, 500, 900])
   params = sampled[4].params
   out = with_policy(teacher, two_basis).apply({"params": params}, x, t)
@@ -174,9 +175,9 @@ def test_ebb_is_reported_only_when_some_layer_has_a_second_basis(changes, expect
   for key, value in changes.items():
     config.quant[key] = value
   assert multi_basis_configured(config.quant) == expected
-  assert qat.describe_student(config)["ebb"] == expected  # qat.method is 'binarydm'.
-  assert qat.resolve_settings(config.qat, config.quant).ebb == expected
-  assert qat.resolve_settings(config.qat).ebb  # Without the quant section: the method's.
+  assert describe_student(config)["ebb"] == expected  # qat.method is 'binarydm'.
+  assert resolve_settings(config.qat, config.quant).ebb == expected
+  assert resolve_settings(config.qat).ebb  # Without the quant section: the method's.
 
 
 def test_switch_options_are_validated():

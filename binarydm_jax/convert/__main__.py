@@ -12,7 +12,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from binarydm_jax.convert import cli, compvis_ldm
-from binarydm_jax.errors import ConfigError, TeacherError
+from binarydm_jax.errors import one_line_errors
 
 _SOURCE = flags.DEFINE_string(
   "source",
@@ -69,14 +69,12 @@ def main(argv: list[str]) -> None:
       "error: --config goes with --ldm_checkpoint (and only with it): the job config of that "
       "model, e.g. configs/lsun_bedrooms.py, configs/ffhq.py or configs/lsun_churches.py"
     )
-  try:
+  with one_line_errors():
     if ldm:
       print(_ldm())
     else:
       path = cli.convert_teacher(_SOURCE.value, _OUTPUT.value, overwrite=_OVERWRITE.value)
       print(f"teacher checkpoint written to {path}; use --config.teacher.source={path}")
-  except (TeacherError, ConfigError) as e:
-    raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

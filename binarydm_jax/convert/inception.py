@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
+from binarydm_jax.errors import one_line_errors
 from binarydm_jax.evaluation import inception
 
 BN_EPS = 1e-3
@@ -132,15 +133,13 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   values = flags.FLAGS
-  try:
+  with one_line_errors():
     path = convert_pth(
       values.pth,
       values.out,
       overwrite=values.overwrite,
       allow_other_weights=values.allow_other_weights,
     )
-  except inception.InceptionError as e:
-    raise SystemExit(f"error: {e}") from None
   print(f"FID Inception weights written to {path}; load them with load_inception({str(path)!r})")
 
 

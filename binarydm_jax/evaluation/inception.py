@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from binarydm_jax.errors import UserError
 from binarydm_jax.evaluation.tf1_resize import resize_bilinear_tf1
 
 WEIGHTS_URL = (
@@ -57,7 +58,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _CONVERT_HINT = "python -m binarydm_jax.convert.inception --pth=FILE.pth --out=DIR"
 
 
-class InceptionError(ValueError):
+class InceptionError(UserError, ValueError):
   """Missing, unconverted, corrupt or unexpected Inception weights."""
 
 

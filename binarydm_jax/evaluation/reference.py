@@ -19,6 +19,7 @@ import numpy as np
 from etils import epath
 
 from binarydm_jax import fileio
+from binarydm_jax.errors import UserError
 from binarydm_jax.evaluation.frechet import feature_statistics
 from binarydm_jax.evaluation.inception import InceptionExtractor
 
@@ -27,7 +28,7 @@ DEFAULT_CACHE_DIR = "~/.cache/binarydm_jax/reference"
 _FORMAT_VERSION = 1
 
 
-class ReferenceStatsError(ValueError):
+class ReferenceStatsError(UserError, ValueError):
   """A reference cache of another dataset or network, or one that cannot be read."""
 
 

@@ -3,7 +3,8 @@
 
 from absl import app, flags
 
-from binarydm_jax.export import FP_DTYPES, ExportError, export_student_from_workdir
+from binarydm_jax.errors import one_line_errors
+from binarydm_jax.export import FP_DTYPES, export_student_from_workdir
 
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "A job's --workdir; its latest student checkpoint is exported.", required=True
@@ -22,12 +23,10 @@ _QUANT_DTYPE = flags.DEFINE_string(
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
+  with one_line_errors():
     info = export_student_from_workdir(
       _WORKDIR.value, _OUT.value, _FP_DTYPE.value, _QUANT_DTYPE.value
     )
-  except ExportError as e:
-    raise SystemExit(f"error: {e}") from None
   out = _OUT.value or f"{_WORKDIR.value}/export"
   print(
     f"exported the {info['student']['bits']} student (step {info['student']['step']}) to {out}: "

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from binarydm_jax.errors import UserError
+
 MANIFEST = "manifest.json"
 WEIGHTS = "weights"  # The orbax checkpoint of the blobs.
 FIRST_STAGE = "first_stage"  # Latent diffusion: the autoencoder's decoder (`first_stage.save`).
@@ -28,7 +30,7 @@ _WIDTH = 100  # JSON containers that fit in this many columns are written on one
 _REEXPORT = "re-export it: python -m binarydm_jax.export --workdir=WORKDIR"
 
 
-class ExportError(Exception):
+class ExportError(UserError):
   """A student that cannot be exported or an export that cannot be loaded; one line of advice."""
 
 

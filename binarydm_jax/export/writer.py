@@ -13,8 +13,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from binarydm_jax import fileio, first_stage, qat, workdir
-from binarydm_jax.models.unet import param_shapes
+from binarydm_jax import fileio, first_stage, student, workdir
+from binarydm_jax.models.unet import param_shapes, unet_from_config
 from binarydm_jax.quant.params import param_labels, scale_index
 from binarydm_jax.quant.policy import unwrap_params
 
@@ -115,12 +115,12 @@ def export_student(
   else:
     config, params = source
   image_shape = workdir.image_shape(config)
-  model = workdir.student_model(config)
+  model = student.student_model(config, unet_from_config(config.model), image_shape)
   params = _single_basis(jax.device_get(unwrap_params(params)))
   policy = model.layers.policy  # `layers` holds every layer's (path, kernel shape).
   rows = layout.policy_rows([(path, shape, policy.resolve(path)) for path, shape in policy.layers])
-  student = layout.student_model(config.model, rows, num_timesteps=policy.num_timesteps)
-  expected = jax.tree.map(lambda a: a.shape, param_shapes(student, image_shape))
+  exported = layout.student_model(config.model, rows, num_timesteps=policy.num_timesteps)
+  expected = jax.tree.map(lambda a: a.shape, param_shapes(exported, image_shape))
   if jax.tree.map(np.shape, params) != expected:
     raise ExportError("the params do not fit the student of the config; pass the student's params")
   blobs, kernel_bytes = layout.pack(params, rows, dtypes)
@@ -153,7 +153,7 @@ def export_student(
         "data": {"image_size": image_shape[0], "channels": image_shape[2]},
         "diffusion": config.diffusion.to_dict(),
         "sampling": config.sampling.to_dict(),
-        "student": qat.describe_student(config) | {"step": step},
+        "student": student.describe_student(config) | {"step": step},
         "fp_dtype": fp_dtype,
         "quant_dtype": quant_dtype,
         "policy": layout.policy_table(rows, kernel_bytes),

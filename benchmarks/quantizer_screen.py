@@ -96,11 +96,11 @@ def run_variant(name, teacher_params, dataset, mesh, teacher_images, extractor, 
     )
   started = time.time()
   params = binarize(teacher_params, policy, calibration, model=model)
-  student = with_policy(model, policy)
-  images = sample_images(student, params, config, mesh, dataset)
+  quantized = with_policy(model, policy)
+  images = sample_images(quantized, params, config, mesh, dataset)
   result = fidelity.image_fidelity(teacher_images, images, extractor)
   x_t, t = fidelity.timestep_group_batch(dataset.train[: FLAGS.sqnr_images], schedule, 10)
-  result["sqnr"] = fidelity.sqnr_table(student, params, x_t, t, 10, schedule.num_timesteps)
+  result["sqnr"] = fidelity.sqnr_table(quantized, params, x_t, t, 10, schedule.num_timesteps)
   result["fid"] = digits_fid(images, dataset.heldout, extractor)["fid"]
   result["overrides"], result["seconds"] = overrides, round(time.time() - started, 1)
   return result

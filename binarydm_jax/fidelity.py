@@ -13,16 +13,14 @@ shows teacher rows over the student's images from the same noises.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 from absl import app, flags
 from etils import epath
 
 from binarydm_jax import diffusion, sampling, workdir
-from binarydm_jax.errors import TeacherError
+from binarydm_jax.errors import one_line_errors
 from binarydm_jax.evaluation import fidelity
-from binarydm_jax.export import ExportError
 from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.sampleable import Sampleable, draw, from_trained, load
 
@@ -71,14 +69,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--workdir=DIR is required (the job whose teacher is the reference)")
   if min(_NUM.value, _BATCH.value, _GROUPS.value, _SQNR_IMAGES.value) < 1:
     raise app.UsageError("--num, --batch_size, --sqnr_groups and --sqnr_images must be positive")
-  try:
+  with one_line_errors():
     trained = workdir.load_teacher_stage(_WORKDIR.value)
     teacher = from_trained(f"teacher of {_WORKDIR.value}", trained)
     student = load(_EXPORT.value, _WORKDIR.value, "student", _INFERENCE.value)
     result = measure(teacher, student, trained.config)
-  except (ExportError, workdir.WorkdirError, TeacherError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
   if _JSON.value and jax.process_index() == 0:
     path = epath.Path(_JSON.value)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ COMMANDS = {
   "binarydm_jax.efficiency": "--fp_dtype",
   "binarydm_jax.convert": "--ldm_checkpoint",
   "binarydm_jax.convert.inception": "--pth",
+  "binarydm_jax.fidelity": "--sqnr_groups",
 }
 # TensorFlow's start-up lines (C++ logging), which the package silences.
 TF_START_UP_LOGS = ("oneDNN custom operations", "absl::InitializeLog()", "cpu_feature_guard")
@@ -77,6 +78,7 @@ FLAG_MODULES = {
   "binarydm_jax.evaluate_cli",
   "binarydm_jax.convert.__main__",
   "binarydm_jax.export.__main__",
+  "binarydm_jax.fidelity",
 }
 
 

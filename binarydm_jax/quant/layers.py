@@ -2,7 +2,8 @@
 
 Each layer looks up its own treatment in the policy by its module path (`self.path`), so the
 UNet's `LayerFactory` only has to pass the policy. Extra param leaves sit beside `kernel`/`bias`:
-`scale_1..scale_k` (binary bases, per output channel), `act_step` (LSQ) and `act_offset` (LSQ+).
+`scale_1..scale_k` (binary bases, per output channel), `act_step` (LSQ), `act_offset` (LSQ+) and
+`bias_correction` (the input quantizers and their params: `quant/activations.py`).
 A full-precision layer with 32-bit inputs computes exactly what nn.Conv/nn.Dense compute.
 
 We use our own modules rather than Flax's `conv_general_dilated_cls`/`dot_general_cls` hooks
@@ -16,8 +17,9 @@ layers (full precision, int-quantized weights, two or more bases, 32-bit inputs)
 path. Both modes read the same params; `int8_params` may store the kernels as int8 signs.
 
 Calibration: when the `quant_calib` collection is mutable (outside `init`), every quantized input
-recomputes its LSQ step from the batch, uses it, and stores it in `quant_calib`, so that
-`binarize.calibrate` can copy it into `params`. Otherwise the learned `act_step` is used as is.
+fits its steps (offsets, bias correction) on the batch, uses them, and stores them in
+`quant_calib`, so that `binarize.calibrate` can copy them into `params`. Otherwise the learned
+params are used as they are.
 """
 
 from __future__ import annotations
@@ -99,15 +101,14 @@ def quantized_forward(
   kernel = quantize_kernel(module, kernel, spec)
   x_q = quantize_input(module, x, spec, getattr(module, "input_split", None))
   x_q, kernel, bias = promote_dtype(x_q, kernel, bias, dtype=module.dtype)
-  y = linear(x_q, kernel, None)
-  if bias is not None:
-    y += bias.reshape((1,) * (y.ndim - 1) + (-1,))
 
-  def reference() -> jax.Array:  # The same layer on its unquantized input.
-    out = linear(promote_dtype(x, dtype=module.dtype)[0], kernel, None)
-    return out if bias is None else out + bias.reshape((1,) * (out.ndim - 1) + (-1,))
+  def layer(inputs: jax.Array) -> jax.Array:
+    y = linear(inputs, kernel, None)
+    return y if bias is None else y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
 
-  return activations.correct_bias(module, y, spec, reference)
+  # The bias correction's reference: the same layer on its unquantized input.
+  reference = lambda: layer(promote_dtype(x, dtype=module.dtype)[0])  # noqa: E731
+  return activations.correct_bias(module, layer(x_q), spec, reference)
 
 
 def int8_forward(

@@ -163,7 +163,8 @@ def jit_qat_step(qat_step, mesh: Mesh, state: QATState, teacher_params: Any):
 def noised_batches(
   dataset: ImageDataset, schedule: diffusion.Schedule, mesh: Mesh, count: int, batch_size: int
 ) -> list[tuple[jax.Array, jax.Array]]:
-  """`count` deterministic (x_t, t) batches of real training data for calibration and PCA."""
+  """`count` deterministic (x_t, t) batches of real training data (random t): the LRM PCA
+  projections and the switch report are fitted and measured on them."""
   out = []
   for i in range(count):
     x0 = sharding.global_batch(dataset.batch(i, batch_size), mesh)
@@ -186,12 +187,17 @@ def calibration_batch(
   The calibration data of the activation steps: every timestep range is represented (a random t
   per sample leaves ranges empty, which timestep-grouped steps cannot fit).
   """
-  x0 = np.concatenate([dataset.batch(i, batch_size) for i in range(count)])  # This process's.
-  num = len(x0)
-  rng = np.random.default_rng([CALIBRATION_SEED, jax.process_index()])
-  t = ((np.arange(num) + rng.uniform(size=num)) * schedule.num_timesteps / num).astype(np.int32)
-  t = rng.permutation(t)
-  noise = rng.standard_normal(x0.shape).astype(np.float32)
+  # t and noise of every global row from one seed, each process keeping its rows: the calibration
+  # data do not depend on how many processes share the batch.
+  num = count * batch_size
+  rng = np.random.default_rng(CALIBRATION_SEED)
+  t = rng.permutation((np.arange(num) + rng.uniform(size=num)) * schedule.num_timesteps / num)
+  share = batch_size // jax.process_count()
+  first = jax.process_index() * share
+  rows = np.concatenate([i * batch_size + first + np.arange(share) for i in range(count)])
+  x0 = np.concatenate([dataset.batch(i, batch_size) for i in range(count)])  # This process's rows.
+  noise = rng.standard_normal((num, *x0.shape[1:])).astype(np.float32)[rows]
+  t = t.astype(np.int32)[rows]
   x_t = np.asarray(diffusion.q_sample(schedule, jnp.asarray(x0), jnp.asarray(t), noise))
   return sharding.global_batch(x_t, mesh), sharding.global_batch(t, mesh)
 

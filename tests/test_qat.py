@@ -226,6 +226,8 @@ def test_describe_student_names_the_bit_width():
   assert describe_student(config)["bits"] == "W1A8"
   config.quant.preset = "fp"
   assert describe_student(config)["bits"] == "W32A32"
+  config.quant.preset, config.quant.act_bits = "W32A4", -1  # FP weights: says W32, not W1.
+  assert describe_student(config)["bits"] == "W32A4"
 
 
 @pytest.mark.slow  # 25 s each; test_switch checks the restart in the default suite.
@@ -324,3 +326,18 @@ def test_student_checkpoint_of_another_bit_width_is_refused(interrupted_and_unin
     match=r"quant\.preset: checkpoint 'W1A4' vs config 'W1A8'",
   ):
     _train_student(other, workdir)
+
+
+def test_calibration_batch_spreads_timesteps_over_every_range():
+  """4 batches of 16: every tenth of 0..999 gets 6 or 7 of the 64 rows, the same on every call."""
+  config = digits.get_config("smoke")
+  dataset = load_dataset(config.data, config.model.channels)
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  mesh = sharding.make_mesh(config.mesh)
+  x_t, t = qat.calibration_batch(dataset, schedule, mesh, 4, 16)
+  assert x_t.shape == (64, 16, 16, 1) and t.shape == (64,)
+  counts = np.bincount(np.asarray(t) // 100, minlength=10)
+  assert counts.min() >= 6 and counts.max() <= 7, counts
+  again_x, again_t = qat.calibration_batch(dataset, schedule, mesh, 4, 16)
+  np.testing.assert_array_equal(again_t, t)
+  np.testing.assert_array_equal(again_x, x_t)

@@ -251,5 +251,5 @@ def test_cli_bad_quant_preset_is_one_line():
   proc = _run_cli("--config=configs/digits.py", "--config.quant.preset=W9A9")
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [
-    "error: config.quant.preset='W9A9': expected one of W1A4, W1A8, W1A32, baseline, fp"
+    "error: config.quant.preset='W9A9': expected one of W1A4, W1A8, W1A32, baseline, W32A4, W32A8, fp"
   ]

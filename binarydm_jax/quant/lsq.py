@@ -131,10 +131,6 @@ def _search_sample(x: jax.Array, weights: jax.Array | None) -> tuple[jax.Array, 
   return x[:, ::stride], w[:, None]
 
 
-def _best(errors: jax.Array, candidates: jax.Array) -> jax.Array:
-  return candidates[jnp.argmin(errors)]
-
-
 def search_signed(x: jax.Array, bits: int, weights: jax.Array | None = None) -> jax.Array:
   """The signed LSQ step minimising the (sample-weighted) squared quantization error of `x`.
 
@@ -155,7 +151,7 @@ def search_signed(x: jax.Array, bits: int, weights: jax.Array | None = None) -> 
     q = jnp.clip(jnp.round(sample / s), q_n, q_p) * s
     return jnp.sum(w * (q - sample) ** 2)
 
-  return _best(jax.lax.map(error, steps), steps)
+  return steps[jnp.argmin(jax.lax.map(error, steps))]
 
 
 def search_asymmetric(
@@ -169,8 +165,7 @@ def search_asymmetric(
   """
   _, q_p = unsigned_range(bits)
   sample, w = _search_sample(x, weights)
-  lo = jnp.min(jnp.where(w > 0, sample, jnp.inf))
-  hi = jnp.max(jnp.where(w > 0, sample, -jnp.inf))
+  lo, hi = _weighted_range(sample, w[:, 0])
   fractions = jnp.asarray(SEARCH_FRACTIONS)
   his = jnp.where(hi > 0, fractions * hi, hi)
   los = jnp.where(lo < 0, fractions * lo, lo)

@@ -30,15 +30,19 @@ from absl import app, flags, logging
 from clu import metric_writers
 
 from benchmarks.common import code_version
-from binarydm_jax import diffusion, evaluate, qat, sampling, sharding
-from binarydm_jax import switch as switch_lib
-from binarydm_jax.config_validation import ConfigError, validate_config
-from binarydm_jax.evaluation import fidelity
-from binarydm_jax.input_pipeline import load_dataset
-from binarydm_jax.job import Job
+from binarydm_jax import diffusion
+from binarydm_jax.convert.teacher import assert_same_architecture, load_teacher
+from binarydm_jax.data.input_pipeline import load_dataset
+from binarydm_jax.evaluation import evaluator, fidelity
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import PRESETS
-from binarydm_jax.teacher import assert_same_architecture, load_teacher
+from binarydm_jax.runtime import sharding
+from binarydm_jax.sampling import samplers
+from binarydm_jax.student import resolve_settings
+from binarydm_jax.training import qat_stage
+from binarydm_jax.training import switch as switch_lib
+from binarydm_jax.training.config_validation import ConfigError, validate_config
+from binarydm_jax.training.job import Job
 from configs import digits
 
 FLAGS = flags.FLAGS
@@ -99,7 +103,7 @@ METHODS = {
 def paired_images(sampler, params) -> np.ndarray:
   """The `--fidelity_num` DDIM samples of the paired measure (the same noises for every model)."""
   batch = min(256, FLAGS.fidelity_num)
-  return sampling.sample_many(
+  return samplers.sample_many(
     sampler, params, jax.random.PRNGKey(PAIRED_SEED), FLAGS.fidelity_num, batch
   )
 
@@ -112,7 +116,7 @@ def run_one(job: Job, teacher_params, teacher_images: np.ndarray) -> dict[str, f
 
   With --raw_params also `fid_raw`: the same student's final non-averaged params; with
   --fid_every also `fid_curve`: {step: FID of the EMA params} along the run; with --switch_fid
-  and EBB also `switch`: the switch report of `qat.switch_transition` plus, at step S, the
+  and EBB also `switch`: the switch report of `qat_stage.switch_transition` plus, at step S, the
   two-basis student's `fid_two_basis` (EMA params), `fid_two_basis_raw` (raw params) and
   `fid_collapsed_ema` (its EMA with sigma_II = 0), and `fid_collapsed` (step S + 1: sigma_II = 0;
   with the EMA restart, the raw single-basis params).
@@ -124,13 +128,13 @@ def run_one(job: Job, teacher_params, teacher_images: np.ndarray) -> dict[str, f
     samplers = []  # The student's sampler, kept from the training stage for the final FIDs.
     curve = {}
     switch = {}  # The switch report and the two FIDs around it.
-    settings = qat.resolve_settings(config.qat, config.quant)
+    settings = resolve_settings(config.qat, config.quant)
     score_switch = FLAGS.switch_fid and settings.ebb and settings.switch_step < config.qat.num_steps
 
     def scores(params, num_samples: int | None = None) -> dict:
       scored = config.copy_and_resolve_references()
       scored.eval.num_samples = num_samples or config.eval.num_samples
-      return evaluate.evaluate_sampler(
+      return evaluator.evaluate_sampler(
         "student", samplers[0], params, scored, job.dataset, workdir, writer
       )
 
@@ -168,7 +172,7 @@ def run_one(job: Job, teacher_params, teacher_images: np.ndarray) -> dict[str, f
     def on_switch(report):  # Runs before step S, after the two-basis sample at S.
       switch.update(report)
 
-    _, state = qat.train_student(
+    _, state = qat_stage.train_student(
       dataclasses.replace(job, workdir=workdir, writer=writer, on_sample=on_sample_factory),
       teacher_params,
       on_switch=on_switch if score_switch else None,
@@ -436,7 +440,7 @@ def main(argv):
     with tempfile.TemporaryDirectory() as workdir:
       writer = metric_writers.create_default_writer(workdir, just_logging=True)
       job = dataclasses.replace(base_job, workdir=workdir, writer=writer)
-      results["teacher"] = evaluate.evaluate_model(job, "teacher", teacher_params, job.model)["fid"]
+      results["teacher"] = job.evaluate("teacher", teacher_params, job.model)["fid"]
     save()
   teacher_images = paired_images(base_job.sampler(base_job.model), teacher_params)
   for (bits, name, seed), config in grid[worker::num_workers]:

@@ -21,12 +21,14 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from binarydm_jax import diffusion, sampling, sharding
+from binarydm_jax import diffusion
+from binarydm_jax.convert.teacher import assert_same_architecture, load_teacher
+from binarydm_jax.data.input_pipeline import load_dataset
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_metrics
-from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.models.unet import unet_from_config
-from binarydm_jax.teacher import assert_same_architecture, load_teacher
+from binarydm_jax.runtime import sharding
+from binarydm_jax.sampling import samplers
 from configs import digits
 
 _TEACHER = flags.DEFINE_string(
@@ -72,7 +74,7 @@ def main(argv: list[str]) -> None:
   assert_same_architecture(config.model, teacher_config, config.data.image_size)
   dataset = load_dataset(config.data)
   image_shape = dataset.train.shape[1:]
-  sampler = sampling.make_sampler(
+  sampler = samplers.make_sampler(
     unet_from_config(config.model),
     diffusion.schedule_from_config(config.diffusion),
     config.sampling,
@@ -93,7 +95,7 @@ def main(argv: list[str]) -> None:
   seconds = {count: [] for count in counts}
   for seed in seeds:
     started = time.time()
-    samples = sampling.sample_many(
+    samples = samplers.sample_many(
       sampler, params, jax.random.PRNGKey(seed), counts[-1], batch_size
     )
     per_image = (time.time() - started) / counts[-1]

@@ -17,11 +17,12 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from binarydm_jax import sampleable, workdir
+from binarydm_jax import workdir
+from binarydm_jax.data.input_pipeline import load_dataset
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_fid
 from binarydm_jax.export import FP_DTYPES, INFERENCE_MODES, export_student
-from binarydm_jax.input_pipeline import load_dataset
+from binarydm_jax.sampling import sampleable
 from configs import default
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A digits job's --workdir.", required=True)

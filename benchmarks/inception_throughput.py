@@ -42,13 +42,12 @@ import torch
 from absl import app, flags
 
 from benchmarks.common import cpu_model, random_teacher, write_json
-from binarydm_jax import score
 from binarydm_jax.convert.inception import convert_state_dict
-from binarydm_jax.evaluation import inception, reference
+from binarydm_jax.evaluation import inception, reference, score
 from binarydm_jax.evaluation.frechet import feature_statistics
 from binarydm_jax.models.unet import unet_from_config
-from binarydm_jax.sample_shards import generate, load_samples
-from binarydm_jax.sampleable import Sampleable
+from binarydm_jax.sampling.sample_shards import generate, load_samples
+from binarydm_jax.sampling.sampleable import Sampleable
 from configs import cifar
 from tests import torch_fidelity_compat
 

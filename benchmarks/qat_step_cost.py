@@ -4,7 +4,7 @@
       [--repeats=5] [--steps_per_repeat=5] [--noise_data] [--json=out.json]
 
 Times the library's own jitted steps on the config's model and data: the FP teacher step
-(`train.make_train_step`) and the QAT step (`qat.make_student`) of `baseline` (single basis, no
+(`fp_stage.make_train_step`) and the QAT step (`qat_stage.make_student`) of `baseline` (single basis, no
 teacher forward) and `binarydm` (EBB in the head/tail, plus the teacher forward and the LRM loss),
 at the config's `quant.preset`. After compilation and warm-up, `--repeats` rounds alternate
 between the steps (so machine load hits all alike); the medians of the per-step times and their
@@ -26,9 +26,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks.common import write_json
-from binarydm_jax import diffusion, qat, sharding, train
-from binarydm_jax.input_pipeline import ImageDataset, load_dataset
+from binarydm_jax import diffusion
+from binarydm_jax.data.input_pipeline import ImageDataset, load_dataset
 from binarydm_jax.models.unet import unet_from_config
+from binarydm_jax.runtime import sharding
+from binarydm_jax.training import fp_stage, qat_stage
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Model and data config.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Batch of every step (default: qat.batch_size).")
@@ -52,7 +54,7 @@ def noise_dataset(config) -> ImageDataset:
 
 def fp_step(config, mesh, dataset, model, schedule):
   """The FP train step on a fresh state; returns (advance(batch), teacher params)."""
-  state, step = train.make_teacher(config, mesh, model, schedule, dataset.train.shape[1:])
+  state, step = fp_stage.make_teacher(config, mesh, model, schedule, dataset.train.shape[1:])
   holder = {"state": state}
 
   def advance(batch):
@@ -66,7 +68,7 @@ def qat_step(config, method, mesh, dataset, model, teacher_params, schedule):
   """The QAT step of `method` (qat.method) starting from `teacher_params`; returns advance(batch)."""
   config = config.copy_and_resolve_references()
   config.qat.method = method
-  student = qat.make_student(config, mesh, dataset, model, teacher_params, schedule)
+  student = qat_stage.make_student(config, mesh, dataset, model, teacher_params, schedule)
   holder = {"state": student.state}
 
   def advance(batch):

@@ -23,15 +23,17 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks.common import code_version
-from binarydm_jax import diffusion, qat, sharding, student
+from binarydm_jax import diffusion, student
+from binarydm_jax.convert.teacher import load_teacher
+from binarydm_jax.data.input_pipeline import load_dataset
 from binarydm_jax.evaluation import fidelity
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_fid
-from binarydm_jax.input_pipeline import load_dataset
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import binarize, with_policy
-from binarydm_jax.sampling import make_sampler, sample_many
-from binarydm_jax.teacher import load_teacher
+from binarydm_jax.runtime import sharding
+from binarydm_jax.sampling.samplers import make_sampler, sample_many
+from binarydm_jax.training import qat_stage
 from configs import digits
 
 FLAGS = flags.FLAGS
@@ -89,9 +91,9 @@ def run_variant(name, teacher_params, dataset, mesh, teacher_images, extractor, 
   settings = student.resolve_settings(config.qat, config.quant)
   policy = student.student_policy(config, settings, model, dataset.train.shape[1:])
   if first_batch:  # As the QAT stage calibrated before the calibration batches spanned t.
-    calibration = qat.noised_batches(dataset, schedule, mesh, 1, config.qat.batch_size)[0]
+    calibration = qat_stage.noised_batches(dataset, schedule, mesh, 1, config.qat.batch_size)[0]
   else:
-    calibration = qat.calibration_batch(
+    calibration = qat_stage.calibration_batch(
       dataset, schedule, mesh, config.quant.calib_batches, config.qat.batch_size
     )
   started = time.time()

@@ -46,11 +46,11 @@ from ml_collections import config_flags
 
 from binarydm_jax import student
 from binarydm_jax.errors import one_line_errors
-from binarydm_jax.flag_parsing import parse_flags
 from binarydm_jax.models.unet import AttnBlock, unet_from_config
 from binarydm_jax.quant import LayerQuant, QuantConv, QuantDense, QuantPolicy
 from binarydm_jax.quant.lsq import FULL_PRECISION_BITS, SIGNED
 from binarydm_jax.quant.policy import BINARY, FP, FULL_PRECISION
+from binarydm_jax.runtime.flag_parsing import parse_flags
 
 FORMS = ("fp", "deployed", "high_order", "stage1")
 HIGH_ORDER_BASES = 2  # Eq. 18: sigma_I sign(w) + sigma_II sign(residual) in every binarized layer.

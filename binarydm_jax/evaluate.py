@@ -1,188 +1,105 @@
-"""Evaluates trained models by sampling them and scoring the samples; writes WORKDIR/eval.json.
+"""`python -m binarydm_jax.evaluate`: scores generated samples, writes all metrics to a JSON file.
 
-`config.eval.metric`: 'digits_fid' (the digits CNN), 'inception' (the FID Inception metrics against
-CIFAR-10's train split; the samples are drawn in resumable shards under WORKDIR/eval_samples, so a
-preempted 50,000-sample evaluation continues where it stopped) or 'none'.
+  python -m binarydm_jax.evaluate --samples=DIR_OR.npz --ref=digits --json=OUT.json
+  python -m binarydm_jax.evaluate --samples=DIR_OR.npz --ref=cifar10 --json=OUT.json \
+      [--inception=DIR] [--ref_npz=REAL.npz | --data_dir=TFDS_DIR] [--cache_dir=DIR]
+  python -m binarydm_jax.evaluate --samples=DIR_OR.npz --ref=images --ref_npz=REAL.npz \
+      --json=OUT.json [--inception=DIR] [--cache_dir=DIR]
 
-Run as a module it is the sample-scoring CLI of `binarydm_jax.evaluate_cli`.
+--samples is an `.npz` with uint8 NHWC
+images under `arr_0` or a directory of `binarydm_jax.generate` shards.
+
+digits: `digits_metrics` (16 px grayscale, the offline digits CNN) against the held-out split,
+  with the FID against the whole real set, its bootstrap interval and KID.
+cifar10: FID, sFID, Inception Score, precision/recall and KID (`kid`, `kid_std`) in the FID
+  Inception (`--inception`, converted by `binarydm_jax.convert.inception`) against the reference
+  statistics of the CIFAR-10 train split (tfds, or the uint8 images of --ref_npz), computed once
+  and cached in --cache_dir (`evaluation.reference`).
+images: the same metrics against the real uint8 RGB images of --ref_npz (an .npz with `arr_0`
+  or a shard directory, e.g. LSUN-Bedrooms for an LDM), cached under a hash of their files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
-from absl import logging
+from absl import app, flags
 from etils import epath
 
-from binarydm_jax import sample_shards, sampling, score, sharding
+from binarydm_jax.errors import one_line_errors
 from binarydm_jax.evaluation import inception, reference
-from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
-from binarydm_jax.evaluation.digits_fid import digits_metrics
-from binarydm_jax.fileio import write_atomic
-from binarydm_jax.input_pipeline import ImageDataset
-from binarydm_jax.job import Job
-
-if TYPE_CHECKING:
-  from clu import metric_writers
-
-SHARD_SIZE = 1000  # Samples per resumable shard of the inception metric.
-INCEPTION_SCALARS = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "kid_std")
+from binarydm_jax.evaluation.score import (
+  REFS,
+  check_samples,
+  cifar10_train_images,
+  reference_cache_label,
+  score_against_reference,
+  score_digits,
+)
+from binarydm_jax.sampling.sample_shards import MANIFEST_NAME, load_samples
 
 
-def evaluate_model(
-  job: Job, name: str, params: Any, model: nn.Module, model_id: str = ""
-) -> dict[str, Any]:
-  """Samples `config.eval.num_samples` images, saves a grid, and scores them with `config.eval.metric`.
-
-  `model_id` tells these params apart from others evaluated under the same `name` in the job's
-  workdir (e.g. the stage's final step): metric 'inception' resumes only shards drawn with the
-  same name, id and sampling settings.
-  """
-  config = job.config
-  sharding.check_batch_divisible(config.eval.batch_size, job.mesh, "config.eval.batch_size")
-  return evaluate_sampler(
-    name, job.sampler(model), params, config, job.images, job.workdir, job.writer, model_id
-  )
+def _reference_images(path: str | None, data_dir: str | None, ref: str) -> np.ndarray:
+  """Real images: the uint8 NHWC `arr_0` of --ref_npz, else the CIFAR-10 train split."""
+  if not path:
+    return cifar10_train_images(data_dir)
+  images = load_samples(path)
+  check_samples(images, ref)
+  return images
 
 
-def evaluate_sampler(
-  name: str,
-  sampler: sampling.Sampler,
-  params: Any,
-  config: ml_collections.ConfigDict,
-  dataset: ImageDataset,
-  workdir: str,
-  writer: metric_writers.MetricWriter,
-  model_id: str = "",
-) -> dict[str, Any]:
-  """`evaluate_model` with a sampler already built (e.g. the one a training stage samples with).
+_SAMPLES = flags.DEFINE_string("samples", None, "An .npz (arr_0: uint8 NHWC) or a shard dir.")
+_REF = flags.DEFINE_enum("ref", None, list(REFS), "The real data and metrics.")
+_JSON = flags.DEFINE_string("json", None, "Where to write the metrics.")
+_INCEPTION = flags.DEFINE_string(
+  "inception", None, f"Converted FID Inception weights (default {inception.DEFAULT_DIR})."
+)
+_ALLOW_OTHER = flags.DEFINE_bool(
+  "allow_other_weights", False, "Accept Inception weights that are not the FID ones (tests)."
+)
+_REF_NPZ = flags.DEFINE_string(
+  "ref_npz",
+  None,
+  "Real uint8 NHWC images (arr_0, or a shard dir): images: required; cifar10: instead of tfds.",
+)
+_REF_STATS = flags.DEFINE_string("ref_stats", None, "cifar10: a reference cache file to use.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "cifar10: the tfds data dir.")
+_CACHE_DIR = flags.DEFINE_string(
+  "cache_dir", reference.DEFAULT_CACHE_DIR, "Where references are cached."
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of KID's subsets and the digits bootstrap.")
 
-  The initial noise comes from `config.eval.seed`, so every model of a run is scored on the same
-  noise; the same seed draws the digits metrics' bootstrap and the KID subsets.
-  """
-  image_shape = dataset.train.shape[1:]
-  seed = config.eval.seed
-  if config.eval.metric == "inception":
-    images, generation = _draw_shards(name, model_id, sampler, params, config, image_shape, workdir)
-    shown = images[: config.sampling.grid_size].astype(np.float32) / 127.5 - 1.0
-  else:
-    samples = sampling.sample_many(
-      sampler, params, jax.random.PRNGKey(seed), config.eval.num_samples, config.eval.batch_size
-    )
-    shown = samples[: config.sampling.grid_size]
-  grid = sampling.image_grid(shown)
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not (_SAMPLES.value and _REF.value and _JSON.value):
+    raise app.UsageError("pass --samples=PATH, --ref=digits|cifar10|images and --json=OUT")
+  with one_line_errors():
+    images = load_samples(_SAMPLES.value)
+    check_samples(images, _REF.value)
+    if _REF.value == "digits":
+      result = score_digits(images, _SEED.value)
+    else:
+      extractor = inception.load_inception(_INCEPTION.value, allow_other_weights=_ALLOW_OTHER.value)
+      result = score_against_reference(
+        images,
+        reference_cache_label(_REF.value, _REF_NPZ.value),
+        extractor,
+        lambda: _reference_images(_REF_NPZ.value, _DATA_DIR.value, _REF.value),
+        _CACHE_DIR.value,
+        _REF_STATS.value,
+        _SEED.value,
+      )
+  manifest = epath.Path(_SAMPLES.value) / MANIFEST_NAME
+  if manifest.is_file():
+    result["generation"] = json.loads(manifest.read_text())
+  result.update(ref=_REF.value, samples=_SAMPLES.value)
   if jax.process_index() == 0:
-    sampling.save_png(grid, epath.Path(workdir) / "samples" / f"{name}_final.png")
-  writer.write_images(0, {f"{name}/final_samples": grid[None]})
-
-  if config.eval.metric == "digits_fid":
-    extractor = DigitsFeatureExtractor(image_shape[0], cache_dir=config.eval.cache_dir)
-    result = digits_metrics(samples, dataset.heldout, dataset.train, extractor, seed=seed)
-    low, high = result["fid_ci"]
-    scalars = {key: result[key] for key in ("fid", "fid_all", "kid", "kid_std")}
-    scalars.update(fid_ci_low=low, fid_ci_high=high)
-    writer.write_scalars(0, {f"{name}/digits_{key}": value for key, value in scalars.items()})
-  elif config.eval.metric == "inception":
-    result = _inception_metrics(images, config, dataset) | {"generation": generation}
-    writer.write_scalars(0, {f"{name}/{key}": result[key] for key in INCEPTION_SCALARS})
-  else:
-    result = {"num_samples": int(samples.shape[0])}
-  result["sampler"] = (
-    f"ddim{config.sampling.ddim_steps}" if config.sampling.sampler == "ddim" else "ddpm"
-  )
-  return result
-
-
-def _draw_shards(
-  name: str,
-  model_id: str,
-  sampler: sampling.Sampler,
-  params: Any,
-  config: ml_collections.ConfigDict,
-  image_shape: tuple[int, ...],
-  workdir: str,
-) -> tuple[np.ndarray, dict[str, Any]]:
-  """The uint8 eval samples, drawn (or resumed) in shards under WORKDIR/eval_samples.
-
-  The directory is named by the model and a hash of the generation's settings, so a rerun with
-  other settings or another model draws into a fresh directory instead of mixing samples.
-  """
-  label = f"{name} ({model_id})" if model_id else name
-  manifest = sample_shards.generation_manifest(
-    label,
-    config.sampling,
-    config.eval.num_samples,
-    SHARD_SIZE,
-    config.eval.seed,
-    image_shape,
-  )
-  digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:8]
-  out_dir = epath.Path(workdir) / "eval_samples" / f"{name}_{digest}"
-  result = sample_shards.write_shards(
-    lambda: (sampler, params),
-    out_dir,
-    manifest,
-    batch_size=config.eval.batch_size,
-    log=lambda line: logging.info("%s eval samples: %s", name, line),
-  )
-  return sample_shards.load_samples(out_dir), {**result, "dir": str(out_dir)}
-
-
-def reference_label(config: ml_collections.ConfigDict, image_size: int) -> str:
-  """Names the real images of a job in the reference cache: 'cifar10' (the CLI's --ref), else
-  the data source, resolution and a hash of where the images come from, so that two folders or
-  resolutions never share a cached reference."""
-  data = config.data
-  if data.name == "cifar10" and image_size == 32:
-    return "cifar10"
-  origin = json.dumps(
-    [data.get("data_dir"), data.get("max_images"), data.get("num_images")], sort_keys=True
-  )
-  return f"{data.name}{image_size}_{hashlib.sha256(origin.encode()).hexdigest()[:8]}"
-
-
-def _inception_metrics(
-  images: np.ndarray, config: ml_collections.ConfigDict, dataset: ImageDataset
-) -> dict[str, Any]:
-  """`score.score_against_reference` of uint8 samples against the job's training images (the
-  whole training set, as the paper's FID reference batches)."""
-  extractor = inception.load_inception(config.eval.inception_dir)
-  cache_dir = (
-    epath.Path(config.eval.cache_dir) / "reference"
-    if config.eval.cache_dir
-    else reference.DEFAULT_CACHE_DIR
-  )
-  return score.score_against_reference(
-    images,
-    reference_label(config, images.shape[1]),
-    extractor,
-    lambda: sampling.to_uint8(dataset.train),
-    cache_dir,
-    seed=config.eval.seed,
-  )
-
-
-def write_results(results: dict[str, Any], workdir: str) -> None:
-  """Writes `results` to WORKDIR/eval.json atomically (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  write_atomic(epath.Path(workdir) / "eval.json", json.dumps(results, indent=2, sort_keys=True))
-
-
-if __name__ == "__main__":
-  # `python -m binarydm_jax.evaluate --samples=... --ref=...`: the CLI lives in `evaluate_cli`,
-  # so that importing this module (as the job does) defines no flags. absl's `--help` prints the
-  # main module's docstring and key flags: make them the CLI's.
-  from absl import app, flags
-
-  from binarydm_jax import evaluate_cli
-
-  __doc__ = evaluate_cli.__doc__
-  flags.adopt_module_key_flags(evaluate_cli)
-  app.run(evaluate_cli.main)
+    out = epath.Path(_JSON.value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=True))
+    headline = {k: result[k] for k in ("fid", "kid", "num_samples") if k in result}
+    print(f"{_JSON.value}: {headline}")

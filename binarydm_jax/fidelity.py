@@ -18,11 +18,12 @@ import jax
 from absl import app, flags
 from etils import epath
 
-from binarydm_jax import diffusion, sampling, workdir
+from binarydm_jax import diffusion, workdir
+from binarydm_jax.data.input_pipeline import load_dataset
 from binarydm_jax.errors import one_line_errors
 from binarydm_jax.evaluation import fidelity
-from binarydm_jax.input_pipeline import load_dataset
-from binarydm_jax.sampleable import Sampleable, draw, from_trained, load
+from binarydm_jax.sampling import samplers
+from binarydm_jax.sampling.sampleable import Sampleable, draw, from_trained, load
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The job's --workdir (its teacher, its data).")
 _EXPORT = flags.DEFINE_string("export", None, "Score this export instead of WORKDIR/student.")
@@ -58,7 +59,7 @@ def measure(teacher: Sampleable, student: Sampleable, config) -> dict:
   )
   result["student"], result["teacher"] = student.name, teacher.name
   if _OUT.value:
-    sampling.save_png(fidelity.pairs_grid(teacher_images, student_images), _OUT.value)
+    samplers.save_png(fidelity.pairs_grid(teacher_images, student_images), _OUT.value)
   return result
 
 

@@ -4,7 +4,7 @@
       --out=DIR/samples [--sampler=ddim --steps=100 --eta=0] [--shard_size=1000 --batch_size=256]
   python -m binarydm_jax.generate --export=DIR/export --num_samples=50000 --out=DIR/samples
 
-See `binarydm_jax.sample_shards` for the shard layout, resuming and `load_samples`.
+See `binarydm_jax.sampling.sample_shards` for the shard layout, resuming and `load_samples`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import jax
 from absl import app, flags
 
 from binarydm_jax.errors import one_line_errors
-from binarydm_jax.sample_shards import generate
-from binarydm_jax.sampleable import load
+from binarydm_jax.sampling.sample_shards import generate
+from binarydm_jax.sampling.sampleable import load
 
 _EXPORT = flags.DEFINE_string(
   "export", None, "An export directory (python -m binarydm_jax.export)."

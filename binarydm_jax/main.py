@@ -10,7 +10,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from binarydm_jax.errors import one_line_errors
-from binarydm_jax.flag_parsing import parse_flags
+from binarydm_jax.runtime.flag_parsing import parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -36,7 +36,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Imported here so that `--help` and flag errors stay fast.
-  from binarydm_jax import distributed, pipeline
+  from binarydm_jax.runtime import distributed
+  from binarydm_jax.training import pipeline
 
   with one_line_errors():
     distributed.initialize(

@@ -13,9 +13,10 @@ from __future__ import annotations
 from absl import app, flags
 from etils import epath
 
-from binarydm_jax import fileio, sampling
 from binarydm_jax.errors import one_line_errors
-from binarydm_jax.sampleable import draw, load
+from binarydm_jax.runtime import fileio
+from binarydm_jax.sampling import samplers
+from binarydm_jax.sampling.sampleable import draw, load
 
 _EXPORT = flags.DEFINE_string(
   "export", None, "An export directory (python -m binarydm_jax.export)."
@@ -49,12 +50,12 @@ def main(argv: list[str]) -> None:
     images = draw(source, _NUM.value, _SAMPLER.value, _STEPS.value, _SEED.value, _BATCH.value)
   written = []
   if _OUT.value:
-    sampling.save_png(sampling.image_grid(sampling.upscale(images, GRID_MIN_SIZE)), _OUT.value)
+    samplers.save_png(samplers.image_grid(samplers.upscale(images, GRID_MIN_SIZE)), _OUT.value)
     written.append(_OUT.value)
   if _NPZ.value:
     npz = epath.Path(_NPZ.value)
     npz.parent.mkdir(parents=True, exist_ok=True)
-    npz.write_bytes(fileio.npz_bytes(arr_0=sampling.to_uint8(images)))
+    npz.write_bytes(fileio.npz_bytes(arr_0=samplers.to_uint8(images)))
     written.append(_NPZ.value)
   print(f"{len(images)} samples of the {source.name}: {', '.join(written)}")
 

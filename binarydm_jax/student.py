@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from binarydm_jax import qat_optim
 from binarydm_jax.errors import ConfigError
 from binarydm_jax.quant import (
   FP_WEIGHT_PRESETS,
@@ -29,6 +28,22 @@ from binarydm_jax.quant import (
 from binarydm_jax.quant.policy import QuantPolicy
 
 METHODS = ("binarydm", "baseline", "fp")
+
+
+def resolve_switch_step(qat_config: ml_collections.ConfigDict) -> int:
+  """The EBB switch step: `qat.switch_step`, or half of `qat.num_steps` for the default -1."""
+  if qat_config.switch_step == -1:
+    return qat_config.num_steps // 2
+  return qat_config.switch_step
+
+
+def resolve_component(qat_config: ml_collections.ConfigDict, name: str) -> bool:
+  """Whether `qat.ebb` / `qat.lrm` is on: the explicit flag, else the method's default.
+
+  The defaults: binarydm = EBB + LRM, baseline = neither.
+  """
+  flag = qat_config[name]
+  return qat_config.method == "binarydm" if flag is None else flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +65,11 @@ def resolve_settings(
   """
   if qat_config.method not in METHODS:  # Also checked by validate_config; this is public API.
     raise ConfigError(f"config.qat.method={qat_config.method!r}: expected one of {METHODS}")
-  ebb = qat_optim.resolve_component(qat_config, "ebb")
+  ebb = resolve_component(qat_config, "ebb")
   if quant_config is not None:
     ebb = ebb and multi_basis_configured(quant_config)
-  use_lrm = qat_optim.resolve_component(qat_config, "lrm")
-  switch = qat_optim.resolve_switch_step(qat_config)
+  use_lrm = resolve_component(qat_config, "lrm")
+  switch = resolve_switch_step(qat_config)
   if not isinstance(switch, int) or switch < 0:
     raise ConfigError(f"config.qat.switch_step={switch!r}: expected -1 (half) or a step >= 0")
   return QATSettings(ebb=ebb, lrm=use_lrm, switch_step=switch)

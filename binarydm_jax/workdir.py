@@ -16,10 +16,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from binarydm_jax import fileio, student
+from binarydm_jax import student
+from binarydm_jax.convert.teacher import load_teacher
 from binarydm_jax.errors import UserError
 from binarydm_jax.models.unet import param_shapes, unet_from_config
-from binarydm_jax.teacher import load_teacher
+from binarydm_jax.runtime import fileio
 
 STUDENT_ADVICE = (
   "train one with python -m binarydm_jax.main --config=CONFIG --workdir={workdir} "

@@ -6,7 +6,7 @@ Override any field from the command line, e.g. `--config.training.num_steps=100`
 import ml_collections
 from ml_collections import config_dict
 
-from binarydm_jax import first_stage
+from binarydm_jax.data import first_stage
 from binarydm_jax.quant import default_quant_config
 
 

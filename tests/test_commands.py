@@ -1,7 +1,7 @@
 """Every command line: `--help` lists its own flags, and it starts without TensorFlow or its logs.
 
 TensorFlow is imported only where it is used (tfds data, clu's TensorBoard writer) through
-`binarydm_jax.lazy_imports`; its C++ start-up logs are silenced by the package itself.
+`binarydm_jax.runtime.lazy_imports`; its C++ start-up logs are silenced by the package itself.
 """
 
 import os
@@ -75,7 +75,7 @@ FLAG_MODULES = {
   "binarydm_jax.main",
   "binarydm_jax.sample",
   "binarydm_jax.generate",
-  "binarydm_jax.evaluate_cli",
+  "binarydm_jax.evaluate",
   "binarydm_jax.convert.__main__",
   "binarydm_jax.export.__main__",
   "binarydm_jax.fidelity",
@@ -95,7 +95,7 @@ def _library_modules():
 
 def test_importing_the_package_does_not_import_tensorflow():
   modules = _library_modules()
-  assert "binarydm_jax.pipeline" in modules and "binarydm_jax.main" not in modules
+  assert "binarydm_jax.training.pipeline" in modules and "binarydm_jax.main" not in modules
   script = (
     f"import importlib, sys\nfor name in {modules!r}:\n  importlib.import_module(name)\n"
     "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'clu.metric_writers') "

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from binarydm_jax import first_stage, teacher
-from binarydm_jax.convert import compvis_ldm, compvis_unet
+from binarydm_jax.convert import compvis_ldm, compvis_unet, teacher
 from binarydm_jax.convert.diffusers_unet import ConversionError
+from binarydm_jax.data import first_stage
 from binarydm_jax.models.unet import count_params, unet_from_config
 from configs import lsun_bedrooms, lsun_churches
 from tests.test_autoencoder import _published_state_dict

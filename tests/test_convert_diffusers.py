@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from binarydm_jax import diffusion, teacher  # noqa: E402
-from binarydm_jax.convert import cli, diffusers_unet  # noqa: E402
+from binarydm_jax import diffusion
+from binarydm_jax.convert import cli, diffusers_unet, teacher  # noqa: E402
 from binarydm_jax.models.unet import UNet, count_params, unet_from_config  # noqa: E402
 
 CIFAR10_CONFIG = diffusers_unet.DDPM_CIFAR10_CONFIG

@@ -237,8 +237,8 @@ def test_samplers_deterministic_from_key_and_jittable():
 
 
 def test_config_validation_accepts_the_schedules_and_names_them():
-  from binarydm_jax.config_validation import validate_config
   from binarydm_jax.errors import ConfigError
+  from binarydm_jax.training.config_validation import validate_config
   from configs import default
 
   config = default.get_config()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from binarydm_jax import evaluate, pipeline
-from binarydm_jax.evaluation import inception
-from binarydm_jax.sample_shards import shard_path
+from binarydm_jax.evaluation import evaluator, inception
+from binarydm_jax.sampling.sample_shards import shard_path
+from binarydm_jax.training import pipeline
 from configs import cifar
 from tests.test_export import one_line
 from tests.test_score import weights_dir  # noqa: F401 (a fixture)
@@ -51,7 +51,7 @@ def test_the_job_scores_inception_metrics_and_resumes_its_shards(
   monkeypatch,
 ):
   monkeypatch.setattr(inception, "WEIGHTS_SHA256", "ab" * 32)  # Take the random weights.
-  monkeypatch.setattr(evaluate, "SHARD_SIZE", NUM // 2)
+  monkeypatch.setattr(evaluator, "SHARD_SIZE", NUM // 2)
   config = tiny_cifar_config(tmp_path, weights_dir)
   workdir = tmp_path / "work"
   results = pipeline.run(config, str(workdir))

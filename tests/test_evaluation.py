@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from binarydm_jax import evaluate, input_pipeline
-from binarydm_jax.config_validation import validate_config
-from binarydm_jax.evaluation import bootstrap, digits_classifier, digits_fid, frechet
+from binarydm_jax.data import input_pipeline
+from binarydm_jax.evaluation import bootstrap, digits_classifier, digits_fid, evaluator, frechet
+from binarydm_jax.training.config_validation import validate_config
 from configs import digits as digits_config
 
 IMAGE_SIZE = 16
@@ -236,7 +236,7 @@ def test_evaluate_sampler_reports_every_digits_score_and_follows_eval_seed(digit
   def run(seed):
     config.eval.seed = seed
     writer = _RecordingWriter()
-    result = evaluate.evaluate_sampler("m", sampler, None, config, digits, str(tmp_path), writer)
+    result = evaluator.evaluate_sampler("m", sampler, None, config, digits, str(tmp_path), writer)
     samples = np.concatenate(drawn)
     drawn.clear()
     return result, writer.scalars, samples

@@ -15,7 +15,8 @@ import optax
 import pytest
 from PIL import Image
 
-from binarydm_jax import checkpointing, diffusion, qat, workdir
+from binarydm_jax import diffusion, workdir
+from binarydm_jax.convert.teacher import load_teacher
 from binarydm_jax.errors import TeacherError
 from binarydm_jax.export import (
   ExportError,
@@ -29,8 +30,8 @@ from binarydm_jax.export import (
 from binarydm_jax.models.unet import count_params, param_shapes, unet_from_config
 from binarydm_jax.quant.params import scale_index
 from binarydm_jax.quant.weight_binarizer import int_quantize_kernel
-from binarydm_jax.teacher import load_teacher
-from binarydm_jax.train_state import create_train_state
+from binarydm_jax.training import checkpointing, qat_stage
+from binarydm_jax.training.train_state import create_train_state
 from configs import digits
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -278,7 +279,7 @@ def save_stage(directory, config, state, step):
 
 
 def student_state(params):
-  return qat.QATState(
+  return qat_stage.QATState(
     step=jnp.asarray(7, jnp.int32),
     params=params,
     opt_state=optax.adam(1e-3).init(params),

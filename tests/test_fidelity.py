@@ -20,7 +20,7 @@ from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import QuantConv, calibrate
 from binarydm_jax.quant.activations import timestep_scope
 from binarydm_jax.quant.policy import QuantPolicy, QuantRule
-from binarydm_jax.train_state import create_train_state
+from binarydm_jax.training.train_state import create_train_state
 from tests.test_export import random_student, save_stage, student_state, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from binarydm_jax import image_folder, input_pipeline
-from binarydm_jax.config_validation import validate_config
+from binarydm_jax.data import image_folder, input_pipeline
 from binarydm_jax.errors import ConfigError, DatasetError
+from binarydm_jax.training.config_validation import validate_config
 from configs import digits
 
 SIZE = 8

@@ -7,8 +7,13 @@ import pytest
 
 from binarydm_jax.errors import FlagError
 from binarydm_jax.models.unet import unet_from_config
-from binarydm_jax.sample_shards import SamplesError, generate, load_samples, shard_path
-from binarydm_jax.sampleable import Sampleable, settings
+from binarydm_jax.sampling.sample_shards import (
+  SamplesError,
+  generate,
+  load_samples,
+  shard_path,
+)
+from binarydm_jax.sampling.sampleable import Sampleable, settings
 from tests.test_export import one_line, tiny_config
 
 

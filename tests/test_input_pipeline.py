@@ -8,7 +8,7 @@ import pytest
 import sklearn.datasets
 import tensorflow_datasets as tfds
 
-from binarydm_jax import input_pipeline
+from binarydm_jax.data import input_pipeline
 
 NUM_TOY = 10
 

@@ -14,22 +14,17 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from binarydm_jax import (
-  diffusion,
-  efficiency,
-  evaluate,
-  first_stage,
-  pipeline,
-  sampleable,
-  sampling,
-  sharding,
-)
-from binarydm_jax.config_validation import validate_config
+from binarydm_jax import diffusion, efficiency
+from binarydm_jax.data import first_stage
+from binarydm_jax.data.input_pipeline import DatasetNotFoundError, load_dataset
 from binarydm_jax.errors import ConfigError
-from binarydm_jax.evaluation import inception
+from binarydm_jax.evaluation import evaluator, inception
 from binarydm_jax.export import manifest
-from binarydm_jax.input_pipeline import DatasetNotFoundError, load_dataset
 from binarydm_jax.models import autoencoder
+from binarydm_jax.runtime import sharding
+from binarydm_jax.sampling import sampleable, samplers
+from binarydm_jax.training import pipeline
+from binarydm_jax.training.config_validation import validate_config
 from configs import ffhq, lsun_bedrooms, lsun_churches
 from tests.test_score import weights_dir  # noqa: F401 (a fixture)
 
@@ -173,7 +168,7 @@ def test_sampler_decodes_latents_to_images(churches_smoke):
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1}), jax.devices()[:1])
   schedule = diffusion.schedule_from_config(config.diffusion)
   make = functools.partial(
-    sampling.make_sampler, ShrinkingEps(), schedule, config.sampling, mesh, (8, 8, 4)
+    samplers.make_sampler, ShrinkingEps(), schedule, config.sampling, mesh, (8, 8, 4)
   )
   key = jax.random.PRNGKey(1)
   images = make(first.decode)({}, key, 2)
@@ -229,7 +224,7 @@ def test_smoke_job_trains_samples_evaluates_and_exports(
   for model in ("teacher", "student"):
     scores = results[model]
     assert np.isfinite(scores["fid"]) and scores["fid"] > 0, model
-    assert scores["reference"]["dataset"] == evaluate.reference_label(config, size)
+    assert scores["reference"]["dataset"] == evaluator.reference_label(config, size)
     assert (workdir / "samples" / f"{model}_final.png").is_file()
 
   # The export ships the decoder beside the UNet and samples images; its bytes stay the UNet's.

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from binarydm_jax import lrm
+from binarydm_jax.training import lrm
 
 
 def _features(seed, shape=(4, 8, 8, 16)):

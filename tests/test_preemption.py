@@ -22,9 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from binarydm_jax import checkpointing, loop, qat, sharding
-from binarydm_jax.preemption import Preempted
-from binarydm_jax.train_state import TrainState
+from binarydm_jax.runtime import sharding
+from binarydm_jax.training import checkpointing, loop, qat_stage
+from binarydm_jax.training.preemption import Preempted
+from binarydm_jax.training.train_state import TrainState
 from tests.test_cli import ROOT, main_env
 from tests.test_train import (
   _Batches,
@@ -67,7 +68,9 @@ def _uninterrupted(num_steps: int) -> tuple[list[tuple[int, float]], float]:
 def _student_state(mesh):
   """A QATState (TrainState plus LRM projections), as the student stage checkpoints."""
   toy = _toy_state(mesh)
-  state = qat.QATState(**{f.name: getattr(toy, f.name) for f in dataclasses.fields(TrainState)})
+  state = qat_stage.QATState(
+    **{f.name: getattr(toy, f.name) for f in dataclasses.fields(TrainState)}
+  )
   return jax.device_put(
     state.replace(projections={"mid": jnp.ones((3, 2))}), sharding.replicated(mesh)
   )
@@ -81,7 +84,7 @@ def _stage(kind, directory, num_steps, step_fn):
   return dataclasses.replace(
     stage,
     name="student",
-    structural_keys=qat.STRUCTURAL_KEYS,
+    structural_keys=qat_stage.STRUCTURAL_KEYS,
     learning_rate_key="qat.learning_rate",
   )
 

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from binarydm_jax import first_stage, input_pipeline, pipeline, prerequisites, teacher
+from binarydm_jax.convert import teacher
 from binarydm_jax.convert.diffusers_unet import ConversionError
+from binarydm_jax.data import first_stage, input_pipeline
+from binarydm_jax.data.input_pipeline import DatasetNotFoundError
 from binarydm_jax.errors import DatasetError, PrerequisiteError, UserError
 from binarydm_jax.evaluation.inception import InceptionError
-from binarydm_jax.input_pipeline import DatasetNotFoundError
 from binarydm_jax.models.unet import config_param_shapes
+from binarydm_jax.training import pipeline, prerequisites
 from configs import cifar, digits, lsun_churches
 
 ABSENT = "absent-for-the-test"  # Replaced by a path that does not exist.

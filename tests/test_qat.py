@@ -10,12 +10,12 @@ import optax
 import pytest
 from clu import metric_writers
 
-from binarydm_jax import checkpointing, diffusion, qat, qat_optim, sharding
+from binarydm_jax import diffusion
+from binarydm_jax.data.input_pipeline import load_dataset
 from binarydm_jax.errors import ConfigError
-from binarydm_jax.input_pipeline import load_dataset
-from binarydm_jax.job import Job
 from binarydm_jax.models.unet import unet_from_config
 from binarydm_jax.quant import param_labels, with_policy
+from binarydm_jax.runtime import sharding
 from binarydm_jax.student import (
   QATSettings,
   collapse_higher_scales,
@@ -23,7 +23,9 @@ from binarydm_jax.student import (
   resolve_settings,
   student_policy,
 )
-from binarydm_jax.train_state import ema_decay_at
+from binarydm_jax.training import checkpointing, qat_optim, qat_stage
+from binarydm_jax.training.job import Job
+from binarydm_jax.training.train_state import ema_decay_at
 from configs import digits
 
 
@@ -71,12 +73,12 @@ def setup(config, mesh_config=None):
   qat_config.switch_step = settings.switch_step
   lr = optax.constant_schedule(config.qat.learning_rate)
   tx = qat_optim.make_qat_optimizer(qat_config, lr)
-  batches = qat.noised_batches(dataset, schedule, mesh, 1, config.qat.batch_size)
-  state = qat.init_qat_state(
+  batches = qat_stage.noised_batches(dataset, schedule, mesh, 1, config.qat.batch_size)
+  state = qat_stage.init_qat_state(
     student, teacher, teacher_params, policy, tx, batches, config, settings, mesh
   )
-  step = qat.jit_qat_step(
-    qat.make_qat_step(student, teacher, schedule, tx, lr, qat_config, settings),
+  step = qat_stage.jit_qat_step(
+    qat_stage.make_qat_step(student, teacher, schedule, tx, lr, qat_config, settings),
     mesh,
     state,
     teacher_params,
@@ -283,11 +285,11 @@ def test_step_logs_the_learning_rate():
 
 
 def _train_student(config, workdir):
-  """`qat.train_student` from a random-init teacher, with no sampling; the final QATState."""
+  """`qat_stage.train_student` from a random-init teacher, with no sampling; the final QATState."""
   job, teacher_params = random_teacher_job(
     config, str(workdir), lambda name, sampler: lambda state, step: None
   )
-  _, state = qat.train_student(job, teacher_params)
+  _, state = qat_stage.train_student(job, teacher_params)
   return jax.device_get(state)
 
 
@@ -334,10 +336,10 @@ def test_calibration_batch_spreads_timesteps_over_every_range():
   dataset = load_dataset(config.data, config.model.channels)
   schedule = diffusion.schedule_from_config(config.diffusion)
   mesh = sharding.make_mesh(config.mesh)
-  x_t, t = qat.calibration_batch(dataset, schedule, mesh, 4, 16)
+  x_t, t = qat_stage.calibration_batch(dataset, schedule, mesh, 4, 16)
   assert x_t.shape == (64, 16, 16, 1) and t.shape == (64,)
   counts = np.bincount(np.asarray(t) // 100, minlength=10)
   assert counts.min() >= 6 and counts.max() <= 7, counts
-  again_x, again_t = qat.calibration_batch(dataset, schedule, mesh, 4, 16)
+  again_x, again_t = qat_stage.calibration_batch(dataset, schedule, mesh, 4, 16)
   np.testing.assert_array_equal(again_t, t)
   np.testing.assert_array_equal(again_x, x_t)

@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from binarydm_jax import qat_optim
 from binarydm_jax.models.unet import UNet
 from binarydm_jax.quant import QuantConv, QuantDense, calibrate, default_quant_config, lsq
 from binarydm_jax.quant.activations import timestep_groups, timestep_scope
 from binarydm_jax.quant.policy import QuantPolicy, QuantRule
 from binarydm_jax.quant.presets import policy_from_config
+from binarydm_jax.training import qat_optim
 from configs import digits
 
 POST_SILU = jax.nn.silu(3.0 * jax.random.normal(jax.random.key(0), (16, 6, 6, 8)))

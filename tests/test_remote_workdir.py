@@ -25,12 +25,15 @@ from etils import epath
 from etils.epath import backend
 from PIL import Image
 
-from binarydm_jax import checkpointing, efficiency, evaluate, fileio, sampling, workdir_lock
-from binarydm_jax.evaluation import reference
+from binarydm_jax import efficiency
+from binarydm_jax.evaluation import evaluator, reference
 from binarydm_jax.export import ExportError, manifest
 from binarydm_jax.models.unet import param_shapes, unet_from_config
-from binarydm_jax.sample_shards import MANIFEST_NAME, generate, load_samples
-from binarydm_jax.sampleable import Sampleable
+from binarydm_jax.runtime import fileio
+from binarydm_jax.sampling import samplers
+from binarydm_jax.sampling.sample_shards import MANIFEST_NAME, generate, load_samples
+from binarydm_jax.sampling.sampleable import Sampleable
+from binarydm_jax.training import checkpointing, workdir_lock
 from tests.test_export import tiny_config
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "binarydm_jax"
@@ -90,7 +93,7 @@ def test_eval_json_and_efficiency_json(workdir):
   path, local = workdir
   epath.Path(path).mkdir(parents=True, exist_ok=True)
   results = {"teacher": {"fid": 12.5, "sampler": "ddim3"}}
-  evaluate.write_results(results, path)
+  evaluator.write_results(results, path)
   written = efficiency.write_json(tiny_config(), epath.Path(path) / "efficiency.json")
   assert json.loads((epath.Path(path) / "eval.json").read_text()) == results
   assert json.loads((local / "eval.json").read_text()) == results
@@ -114,10 +117,10 @@ def test_sample_grids_of_training_and_evaluation(workdir):
     return _images(num)
 
   state = types.SimpleNamespace(ema_params=None)
-  sampling.grid_callbacks(config, path, writer)("teacher", sampler)(state, 7)
+  samplers.grid_callbacks(config, path, writer)("teacher", sampler)(state, 7)
   dataset = types.SimpleNamespace(train=_images(1))
-  evaluate.evaluate_sampler("student", sampler, None, config, dataset, path, writer)
-  grid = sampling.image_grid(_images(4))[..., 0]
+  evaluator.evaluate_sampler("student", sampler, None, config, dataset, path, writer)
+  grid = samplers.image_grid(_images(4))[..., 0]
   for name in ("teacher_0000007.png", "student_final.png"):
     remote = epath.Path(path) / "samples" / name
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(remote.read_bytes()))), grid)
@@ -265,7 +268,9 @@ def test_no_local_file_operations_on_workdir_paths():
       allowed = any(m == name and text in code for m, text in ALLOWED_LINES)
       if name not in LOCAL_ONLY and not allowed:
         found.append(f"binarydm_jax/{name}:{number}: {code.strip()}")
-  assert not found, "use etils.epath / binarydm_jax.fileio on workdir paths:\n" + "\n".join(found)
+  assert not found, "use etils.epath / binarydm_jax.runtime.fileio on workdir paths:\n" + "\n".join(
+    found
+  )
   assert not unused, f"no local file operations left in {unused}: drop them from LOCAL_ONLY"
 
 

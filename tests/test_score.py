@@ -10,10 +10,10 @@ import pytest
 
 from binarydm_jax.evaluation import inception, reference
 from binarydm_jax.evaluation.metrics import fid
+from binarydm_jax.evaluation.score import check_samples, reference_cache_label, score_inception
 from binarydm_jax.models.unet import unet_from_config
-from binarydm_jax.sample_shards import SamplesError, load_samples
-from binarydm_jax.score import check_samples, reference_cache_label, score_inception
-from binarydm_jax.train_state import create_train_state
+from binarydm_jax.sampling.sample_shards import SamplesError, load_samples
+from binarydm_jax.training.train_state import create_train_state
 from tests.test_export import one_line, run_module, save_stage, tiny_config
 
 NUM = 8  # Images per Inception call (one compiled shape).

@@ -58,8 +58,10 @@ def import_graph() -> nx.DiGraph:
 
 def test_the_graph_sees_the_known_edges():
   graph = import_graph()
-  assert graph.has_edge("binarydm_jax.pipeline", "binarydm_jax.qat")
-  assert graph.has_edge("binarydm_jax.teacher", "binarydm_jax.convert.diffusers_unet")  # Lazy.
+  assert graph.has_edge("binarydm_jax.training.pipeline", "binarydm_jax.training.qat_stage")
+  assert graph.has_edge(
+    "binarydm_jax.convert.teacher", "binarydm_jax.convert.diffusers_unet"
+  )  # Lazy.
   assert graph.has_edge("binarydm_jax.export.writer", "binarydm_jax.export.layout")  # from . import
   assert graph.has_edge("binarydm_jax.export.layout", "binarydm_jax.export.packing")  # from .x
 
@@ -75,7 +77,7 @@ def test_no_import_cycles():
   assert not cycles, "import cycles: " + "; ".join(" -> ".join(c + c[:1]) for c in cycles[:5])
 
 
-# Imported only through `binarydm_jax.lazy_imports` (they import TensorFlow, which takes seconds).
+# Imported only through `binarydm_jax.runtime.lazy_imports` (they import TensorFlow, which takes seconds).
 TENSORFLOW_MODULES = (
   "tensorflow",
   "tensorflow_datasets",
@@ -113,5 +115,40 @@ def test_tensorflow_is_imported_only_through_lazy_imports():
   )
   assert not offenders, offenders
   assert "clu.metric_writers" in _runtime_imports(
-    ast.parse((PACKAGE / "lazy_imports.py").read_text())
+    ast.parse((PACKAGE / "runtime" / "lazy_imports.py").read_text())
   )
+
+
+# The packages by role, lowest first: a package imports only from those before it (and from the
+# top-level modules `errors`, `diffusion`, `student`).
+LAYERS = ("runtime", "quant", "models", "data", "export", "sampling", "evaluation", "training")
+BASE_MODULES = ("errors", "diffusion", "student")
+
+
+def _top(module: str) -> str:
+  return module.split(".")[1] if "." in module else module
+
+
+def test_packages_import_only_lower_layers():
+  graph = import_graph()
+  upward = sorted(
+    f"{a} -> {b}"
+    for a, b in graph.edges
+    if _top(a) in LAYERS
+    and _top(b) in LAYERS
+    and LAYERS.index(_top(b)) > LAYERS.index(_top(a))
+  )
+  assert not upward, upward
+  base_imports = sorted(
+    f"{a} -> {b}"
+    for a, b in graph.edges
+    if _top(a) in BASE_MODULES and _top(b) in LAYERS[LAYERS.index("data") :]
+  )
+  assert not base_imports, base_imports
+
+
+def test_the_top_level_holds_commands_and_a_few_shared_modules():
+  modules = sorted(p.stem for p in PACKAGE.glob("*.py"))
+  assert len(modules) <= 12, modules
+  packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+  assert set(LAYERS) <= packages, packages

@@ -5,8 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from binarydm_jax import qat, qat_optim, switch
-from binarydm_jax.config_validation import ConfigError, validate_config
 from binarydm_jax.quant import (
   binarize_kernel,
   init_scales,
@@ -15,6 +13,8 @@ from binarydm_jax.quant import (
   with_policy,
 )
 from binarydm_jax.student import QATSettings, describe_student, resolve_settings, student_policy
+from binarydm_jax.training import qat_optim, qat_stage, switch
+from binarydm_jax.training.config_validation import ConfigError, validate_config
 from configs import digits
 from tests.test_qat import drop_higher, higher, random_teacher, random_teacher_job, tiny_config
 
@@ -26,7 +26,7 @@ def _train(config, tmp_path):
     str(tmp_path),
     lambda name, sampler: lambda state, step: sampled.__setitem__(step, jax.device_get(state)),
   )
-  _, state = qat.train_student(job, teacher_params, on_switch=reports.append)
+  _, state = qat_stage.train_student(job, teacher_params, on_switch=reports.append)
   return sampled, reports, jax.device_get(state)
 
 

@@ -6,8 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from binarydm_jax import pipeline, teacher
+from binarydm_jax.convert import teacher
 from binarydm_jax.models.unet import config_param_shapes
+from binarydm_jax.training import pipeline
 
 TINY = ml_collections.ConfigDict(
   {
@@ -67,8 +68,8 @@ def test_training_stage_checkpoint(tmp_path):
   """teacher.source may be a stage dir of a previous run (WORKDIR/teacher): its EMA params."""
   import optax
 
-  from binarydm_jax import checkpointing
-  from binarydm_jax.train_state import create_train_state
+  from binarydm_jax.training import checkpointing
+  from binarydm_jax.training.train_state import create_train_state
 
   params = _init(TINY)
   state = create_train_state(params, optax.adam(1e-3), jax.random.PRNGKey(0))

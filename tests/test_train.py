@@ -26,11 +26,18 @@ from clu import metric_writers
 from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
-from binarydm_jax import checkpointing, diffusion, loop, optim, pipeline, sharding, train
-from binarydm_jax.config_validation import ConfigError, validate_config
-from binarydm_jax.input_pipeline import load_dataset
+from binarydm_jax import diffusion
+from binarydm_jax.data.input_pipeline import load_dataset
 from binarydm_jax.models.unet import unet_from_config
-from binarydm_jax.train_state import TrainState, create_train_state, ema_decay_at, ema_update
+from binarydm_jax.runtime import sharding
+from binarydm_jax.training import checkpointing, fp_stage, loop, optim, pipeline
+from binarydm_jax.training.config_validation import ConfigError, validate_config
+from binarydm_jax.training.train_state import (
+  TrainState,
+  create_train_state,
+  ema_decay_at,
+  ema_update,
+)
 from configs import cifar, digits
 
 NUM_STEPS = 10
@@ -228,7 +235,7 @@ def test_nan_loss_stops_before_saving(tmp_path, tmp_path_factory, monkeypatch):
   assert os.listdir(os.path.join(workdir, "teacher")) == ["2"]
   mesh = sharding.make_mesh(config.mesh)
   model, schedule = unet_from_config(config.model), diffusion.schedule_from_config(config.diffusion)
-  fresh, _ = train.make_teacher(config, mesh, model, schedule, (16, 16, 1))
+  fresh, _ = fp_stage.make_teacher(config, mesh, model, schedule, (16, 16, 1))
   manager = checkpointing.make_manager(os.path.join(workdir, "teacher"), 3)
   state = checkpointing.restore_latest(manager, fresh, config, ("model", "diffusion"))
   assert int(state.step) == 2
@@ -391,7 +398,7 @@ def _step_pieces(config):
   model = unet_from_config(config.model)
   schedule = diffusion.schedule_from_config(config.diffusion)
   tx = optim.make_optimizer(config.optim)
-  step = train.make_train_step(
+  step = fp_stage.make_train_step(
     model, schedule, tx, optim.learning_rate_schedule(config.optim), config.optim
   )
   return model, tx, step
@@ -408,12 +415,12 @@ def test_train_step_is_the_same_on_8_devices_and_1(tmp_path_factory):
     assert mesh.devices.size == int(name)
     model, tx, step = _step_pieces(config)
     if host_state is None:  # init once (on 8 devices); the 1-device run starts from a copy
-      state = train.init_train_state(model, tx, image_shape, config.training.seed, mesh)
+      state = fp_stage.init_train_state(model, tx, image_shape, config.training.seed, mesh)
       assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state))
       host_state = jax.tree.map(np.array, state)
     else:
       state = jax.device_put(host_state, sharding.tree_shardings(host_state, mesh))
-    step_fn = train.jit_train_step(step, mesh, state)
+    step_fn = fp_stage.jit_train_step(step, mesh, state)
     metrics = []
     for s in range(3):  # conv_out starts at zero: only from step 3 on does every param move
       batch = sharding.global_batch(dataset.batch(s, config.training.batch_size), mesh)

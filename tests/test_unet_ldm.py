@@ -11,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from binarydm_jax import teacher
-from binarydm_jax.config_validation import validate_config
-from binarydm_jax.convert import diffusers_unet
+from binarydm_jax.convert import diffusers_unet, teacher
 from binarydm_jax.errors import ConfigError
 from binarydm_jax.models.layers import LayerFactory
 from binarydm_jax.models.unet import AttnBlock, config_param_shapes, count_params, unet_from_config
 from binarydm_jax.quant.presets import block_resolutions
+from binarydm_jax.training.config_validation import validate_config
 from tests.test_convert_diffusers import (
   SMALL_CONFIG,
   _assert_parity,

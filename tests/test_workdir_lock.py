@@ -1,4 +1,4 @@
-"""Bad --config/--workdir as one error line, and the workdir lock (binarydm_jax/workdir_lock.py)."""
+"""Bad --config/--workdir as one error line, and the workdir lock (binarydm_jax/training/workdir_lock.py)."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 import pytest
 from absl import logging
 
-from binarydm_jax import workdir_lock
+from binarydm_jax.training import workdir_lock
 from tests.test_cli import run_main
 
 

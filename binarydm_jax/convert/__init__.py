@@ -1,7 +1,7 @@
 """Importers of pretrained weights: FP teachers (diffusers UNet2DModel -> Flax UNet), FID Inception.
 
 `python -m binarydm_jax.convert --source=DIR_OR_HUB_ID --output=OUT_DIR` converts once and writes
-an orbax teacher checkpoint; `binarydm_jax.teacher.load_teacher` reads either form.
+an orbax teacher checkpoint; `binarydm_jax.convert.teacher.load_teacher` reads either form.
 `python -m binarydm_jax.convert.inception --pth=FILE --out=DIR` converts torch-fidelity's FID
 Inception for `binarydm_jax.evaluation.inception.load_inception`.
 `python -m binarydm_jax.convert --ldm_checkpoint=model.ckpt --config=CONFIG --output=OUT_DIR`

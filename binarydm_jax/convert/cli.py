@@ -10,7 +10,7 @@ import os
 from absl import logging
 from etils import epath
 
-from binarydm_jax import teacher
+from binarydm_jax.convert import teacher
 from binarydm_jax.models.unet import count_params
 
 

@@ -23,13 +23,14 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from binarydm_jax import fileio, first_stage, teacher
-from binarydm_jax.convert import compvis_unet
+from binarydm_jax.convert import compvis_unet, teacher
 from binarydm_jax.convert.diffusers_autoencoder import convert_compvis_state_dict
 from binarydm_jax.convert.diffusers_unet import ConversionError
+from binarydm_jax.data import first_stage
 from binarydm_jax.diffusion import schedule_from_config
 from binarydm_jax.models.autoencoder import AutoencoderConfig
 from binarydm_jax.models.unet import count_params
+from binarydm_jax.runtime import fileio
 
 DOWNLOADS = "https://ommer-lab.com/files/latent-diffusion/"
 EXPECTED = (

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from binarydm_jax import input_pipeline
+from binarydm_jax.data import input_pipeline
 
 FEATURE_DIM = 64
 _NUM_CLASSES = 10

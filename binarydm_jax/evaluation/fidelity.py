@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from binarydm_jax import diffusion, sampling
+from binarydm_jax import diffusion
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.quant.activations import ERROR_COLLECTION
+from binarydm_jax.sampling import samplers
 
 BACKGROUND = -0.95  # Pixels at or below this value count as background (digits are light on dark).
 PEAK_TO_PEAK = 2.0  # Images are in [-1, 1].
@@ -97,7 +98,7 @@ def pairs_grid(
     pad = columns - (stop - start)
     for images in (teacher[start:stop], student[start:stop]):
       rows.append(np.concatenate([images, np.full((pad, *images.shape[1:]), 1.0)]))
-  return sampling.image_grid(sampling.upscale(np.concatenate(rows), 64), columns=columns)
+  return samplers.image_grid(samplers.upscale(np.concatenate(rows), 64), columns=columns)
 
 
 def timestep_group_batch(

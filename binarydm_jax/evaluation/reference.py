@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from binarydm_jax import fileio
 from binarydm_jax.errors import UserError
 from binarydm_jax.evaluation.frechet import feature_statistics
 from binarydm_jax.evaluation.inception import InceptionExtractor
+from binarydm_jax.runtime import fileio
 
 MAX_FEATURES = 10_000
 DEFAULT_CACHE_DIR = "~/.cache/binarydm_jax/reference"

@@ -12,10 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from binarydm_jax import fileio
 from binarydm_jax.models.unet import param_shapes
 from binarydm_jax.quant import int8_params
 from binarydm_jax.quant.int8 import INT8
+from binarydm_jax.runtime import fileio
 
 from . import layout, manifest
 from .manifest import ExportError

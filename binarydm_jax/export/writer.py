@@ -13,10 +13,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from binarydm_jax import fileio, first_stage, student, workdir
+from binarydm_jax import student, workdir
+from binarydm_jax.data import first_stage
 from binarydm_jax.models.unet import param_shapes, unet_from_config
 from binarydm_jax.quant.params import param_labels, scale_index
 from binarydm_jax.quant.policy import unwrap_params
+from binarydm_jax.runtime import fileio
 
 from . import layout, manifest
 from .manifest import ExportError

@@ -31,9 +31,10 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from binarydm_jax import fileio, sampling
 from binarydm_jax.errors import UserError
-from binarydm_jax.sampleable import Sampleable, sampler_on, settings
+from binarydm_jax.runtime import fileio
+from binarydm_jax.sampling import samplers
+from binarydm_jax.sampling.sampleable import Sampleable, sampler_on, settings
 
 MANIFEST_NAME = "generation.json"
 SHARD_PREFIX = "samples_"
@@ -173,7 +174,7 @@ def generate(
 
 
 def write_shards(
-  make_sampler: Callable[[], tuple[sampling.Sampler, Any]],
+  make_sampler: Callable[[], tuple[samplers.Sampler, Any]],
   out_dir: str | os.PathLike,
   manifest: dict[str, Any],
   *,
@@ -184,7 +185,7 @@ def write_shards(
 
   Args:
     make_sampler: returns `(sample, params)`, `sample(params, keys, num)` drawing one sample per
-      key in [-1, 1] on all processes (`sampling.make_sampler`); called only when a shard is
+      key in [-1, 1] on all processes (`samplers.make_sampler`); called only when a shard is
       missing.
     out_dir: the shard directory (created).
     manifest: the settings written to `generation.json`, with at least `num_samples`,
@@ -223,7 +224,7 @@ def write_shards(
       sample(params, sample_keys(seed, np.arange(b, b + batch_size)), batch_size)
       for b in range(first, first + count, batch_size)
     ]
-    images = sampling.to_uint8(np.concatenate(batches)[:count])
+    images = samplers.to_uint8(np.concatenate(batches)[:count])
     done += count
     if jax.process_index() == 0:
       fileio.write_atomic(shard_path(out_dir, s), fileio.npz_bytes(arr_0=images))

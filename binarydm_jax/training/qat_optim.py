@@ -20,28 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from binarydm_jax import optim
 from binarydm_jax.quant import param_labels
+from binarydm_jax.training import optim
 
 REGULARIZERS = ("paper", "decoupled", "none")
 LR_SCHEDULES = ("constant", "cosine_stage2")
 EBB_REDUCTIONS = ("mean", "sum")
-
-
-def resolve_switch_step(qat_config: ml_collections.ConfigDict) -> int:
-  """The EBB switch step: `qat.switch_step`, or half of `qat.num_steps` for the default -1."""
-  if qat_config.switch_step == -1:
-    return qat_config.num_steps // 2
-  return qat_config.switch_step
-
-
-def resolve_component(qat_config: ml_collections.ConfigDict, name: str) -> bool:
-  """Whether `qat.ebb` / `qat.lrm` is on: the explicit flag, else the method's default.
-
-  The defaults: binarydm = EBB + LRM, baseline = neither.
-  """
-  flag = qat_config[name]
-  return qat_config.method == "binarydm" if flag is None else flag
 
 
 class EvolveState(NamedTuple):

@@ -16,10 +16,17 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, optim, sharding
-from binarydm_jax.job import Job
-from binarydm_jax.loop import Stage, run_stage
-from binarydm_jax.train_state import TrainState, create_train_state, ema_decay_at, ema_update
+from binarydm_jax import diffusion
+from binarydm_jax.runtime import sharding
+from binarydm_jax.training import optim
+from binarydm_jax.training.job import Job
+from binarydm_jax.training.loop import Stage, run_stage
+from binarydm_jax.training.train_state import (
+  TrainState,
+  create_train_state,
+  ema_decay_at,
+  ema_update,
+)
 
 # fold_in index of the params-init key: steps use fold_in(rng, step) with step < 2**31 - 1.
 INIT_STREAM = 2**31 - 1

@@ -24,8 +24,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from binarydm_jax import fileio
 from binarydm_jax.errors import UserError
+from binarydm_jax.runtime import fileio
 
 LOCK_NAME = ".lock"
 

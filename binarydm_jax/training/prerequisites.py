@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import ml_collections
 
-from binarydm_jax import first_stage, input_pipeline, teacher
+from binarydm_jax.convert import teacher
+from binarydm_jax.data import first_stage, input_pipeline
 from binarydm_jax.errors import PrerequisiteError, UserError
 from binarydm_jax.evaluation import inception
 

@@ -18,8 +18,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from binarydm_jax import fileio
 from binarydm_jax.errors import UserError
+from binarydm_jax.runtime import fileio
 
 
 class CheckpointMismatchError(UserError, ValueError):

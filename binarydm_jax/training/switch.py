@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from binarydm_jax import lrm
 from binarydm_jax.quant import binarize_kernel, calibrate, sign
 from binarydm_jax.quant.params import scale_index
+from binarydm_jax.training import lrm
 
 HANDOVERS = ("none", "refit")
 Params = Mapping[str, Any]

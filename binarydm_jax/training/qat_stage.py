@@ -22,19 +22,21 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, lrm, qat_optim, sharding, switch
-from binarydm_jax.input_pipeline import ImageDataset
-from binarydm_jax.job import Job
-from binarydm_jax.loop import Stage, run_stage
+from binarydm_jax import diffusion
+from binarydm_jax.data.input_pipeline import ImageDataset
 from binarydm_jax.quant import binarize, with_policy
 from binarydm_jax.quant.policy import QuantPolicy
+from binarydm_jax.runtime import sharding
 from binarydm_jax.student import (
   QATSettings,
   collapse_higher_scales,
   resolve_settings,
   student_policy,
 )
-from binarydm_jax.train_state import TrainState, ema_decay_at, ema_update
+from binarydm_jax.training import lrm, qat_optim, switch
+from binarydm_jax.training.job import Job
+from binarydm_jax.training.loop import Stage, run_stage
+from binarydm_jax.training.train_state import TrainState, ema_decay_at, ema_update
 
 if TYPE_CHECKING:
   from clu import metric_writers

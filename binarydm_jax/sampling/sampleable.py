@@ -10,12 +10,15 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from binarydm_jax import diffusion, first_stage, sampling, sharding, workdir
+from binarydm_jax import diffusion, workdir
+from binarydm_jax.data import first_stage
+from binarydm_jax.data.first_stage import FirstStage
 from binarydm_jax.errors import FlagError
 from binarydm_jax.export import load_export
 from binarydm_jax.export.manifest import FIRST_STAGE
-from binarydm_jax.first_stage import FirstStage
 from binarydm_jax.models.autoencoder import Autoencoder
+from binarydm_jax.runtime import sharding
+from binarydm_jax.sampling import samplers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +113,14 @@ def settings(
 
 def sampler_on(
   source: Sampleable, sampling_settings: ml_collections.ConfigDict, devices: list
-) -> tuple[sampling.Sampler, Any]:
-  """`sampling.make_sampler`'s `sample(params, rng, num)` over `devices`, and the params there."""
+) -> tuple[samplers.Sampler, Any]:
+  """`samplers.make_sampler`'s `sample(params, rng, num)` over `devices`, and the params there."""
   mesh = sharding.make_mesh(
     ml_collections.ConfigDict({"data": len(devices), "fsdp": 1}), devices=devices
   )
   schedule = diffusion.schedule_from_config(source.diffusion)
   decode = source.first_stage.decode if source.first_stage else None
-  sample = sampling.make_sampler(
+  sample = samplers.make_sampler(
     source.model, schedule, sampling_settings, mesh, source.image_shape, decode
   )
   return sample, jax.device_put(source.params, sharding.replicated(mesh))  # Restored on one device.
@@ -130,4 +133,4 @@ def draw(
   batch = min(batch, num)
   devices = max(d for d in range(1, jax.device_count() + 1) if batch % d == 0)
   sample, params = sampler_on(source, settings(source, sampler, steps), jax.devices()[:devices])
-  return sampling.sample_many(sample, params, jax.random.PRNGKey(seed), num, batch)
+  return samplers.sample_many(sample, params, jax.random.PRNGKey(seed), num, batch)

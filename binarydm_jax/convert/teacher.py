@@ -21,10 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from binarydm_jax import fileio
 from binarydm_jax.errors import TeacherError
 from binarydm_jax.models.unet import config_param_shapes
 from binarydm_jax.quant import param_labels
+from binarydm_jax.runtime import fileio
 
 CIFAR10_HUB_ID = "google/ddpm-cifar10-32"
 # The files of a diffusers UNet2DModel that the converter needs (the .bin alternative needs torch).

@@ -8,22 +8,18 @@ from typing import Any
 
 import ml_collections
 
-from binarydm_jax import first_stage, student
+from binarydm_jax import student
+from binarydm_jax.data import first_stage
+from binarydm_jax.data.image_folder import MODES
+from binarydm_jax.data.input_pipeline import DATASET_NAMES
 from binarydm_jax.diffusion import BETA_SCHEDULES
 from binarydm_jax.errors import ConfigError
+from binarydm_jax.evaluation.score import MIN_SAMPLES
 from binarydm_jax.export import FP_DTYPES
-from binarydm_jax.image_folder import MODES
-from binarydm_jax.input_pipeline import DATASET_NAMES
 from binarydm_jax.models.autoencoder import AutoencoderConfig
 from binarydm_jax.models.unet import unet_from_config
-from binarydm_jax.qat_optim import (
-  EBB_REDUCTIONS,
-  LR_SCHEDULES,
-  resolve_component,
-  resolve_switch_step,
-)
-from binarydm_jax.score import MIN_SAMPLES
-from binarydm_jax.switch import HANDOVERS
+from binarydm_jax.training.qat_optim import EBB_REDUCTIONS, LR_SCHEDULES
+from binarydm_jax.training.switch import HANDOVERS
 
 _REQUIRED = object()
 # `_validate_quant`'s keys of the student policies that built.
@@ -282,8 +278,8 @@ def _validate_qat(config: ml_collections.ConfigDict) -> None:
 
 def _validate_qat_schedule(qat: ml_collections.ConfigDict) -> None:
   """Cross-field checks: the EBB switch must fall inside the run, and after the lr warmup."""
-  switch = resolve_switch_step(qat)
-  if qat.method != "fp" and resolve_component(qat, "ebb") and 0 < qat.num_steps <= switch:
+  switch = student.resolve_switch_step(qat)
+  if qat.method != "fp" and student.resolve_component(qat, "ebb") and 0 < qat.num_steps <= switch:
     raise ConfigError(
       f"config.qat.switch_step={qat.switch_step!r}: the EBB switch (step {switch}) must come "
       f"before qat.num_steps={qat.num_steps}, or the extra bases are never removed and the "

@@ -15,10 +15,11 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from binarydm_jax import checkpointing, lazy_imports, sharding
+from binarydm_jax.data.input_pipeline import ImageDataset
 from binarydm_jax.errors import UserError
-from binarydm_jax.input_pipeline import ImageDataset
-from binarydm_jax.preemption import Preempted, SigtermWatch
+from binarydm_jax.runtime import lazy_imports, sharding
+from binarydm_jax.training import checkpointing
+from binarydm_jax.training.preemption import Preempted, SigtermWatch
 
 if TYPE_CHECKING:
   from clu import metric_writers

@@ -20,9 +20,9 @@ import sklearn.datasets
 from absl import logging
 from PIL import Image
 
-from binarydm_jax import lazy_imports
+from binarydm_jax.data.image_folder import center_square, list_images, read_image_folder
 from binarydm_jax.errors import DatasetError
-from binarydm_jax.image_folder import center_square, list_images, read_image_folder
+from binarydm_jax.runtime import lazy_imports
 
 if TYPE_CHECKING:
   import tensorflow_datasets as tfds

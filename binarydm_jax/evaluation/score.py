@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from binarydm_jax import sampling
+from binarydm_jax.data.input_pipeline import load_dataset
 from binarydm_jax.evaluation import inception, reference
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_metrics
@@ -26,8 +26,8 @@ from binarydm_jax.evaluation.frechet import feature_statistics, frechet_distance
 from binarydm_jax.evaluation.kid import kid
 from binarydm_jax.evaluation.metrics import inception_score
 from binarydm_jax.evaluation.precision_recall import precision_recall
-from binarydm_jax.input_pipeline import load_dataset
-from binarydm_jax.sample_shards import SamplesError
+from binarydm_jax.sampling import samplers
+from binarydm_jax.sampling.sample_shards import SamplesError
 
 # 'images': the Inception metrics against any real RGB images given as uint8 (e.g. LSUN, FFHQ).
 REFS = ("digits", "cifar10", "images")
@@ -78,7 +78,7 @@ def cifar10_train_images(data_dir: str | None) -> np.ndarray:
   data = ml_collections.ConfigDict(
     {"name": "cifar10", "image_size": 32, "seed": 0, "random_flip": False, "data_dir": data_dir}
   )
-  return sampling.to_uint8(load_dataset(data).train)
+  return samplers.to_uint8(load_dataset(data).train)
 
 
 def reference_cache_label(ref: str, path: str | os.PathLike | None) -> str:

@@ -21,11 +21,11 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from binarydm_jax import fileio
+from binarydm_jax.data.input_pipeline import ImageDataset
 from binarydm_jax.errors import ConfigError, TeacherError
-from binarydm_jax.input_pipeline import ImageDataset
 from binarydm_jax.models import autoencoder
 from binarydm_jax.models.autoencoder import Autoencoder, AutoencoderConfig
+from binarydm_jax.runtime import fileio
 
 KINDS = ("", *autoencoder.KINDS)  # '' = a pixel-space job, no first stage.
 # The `config.first_stage` keys that are `AutoencoderConfig` fields (the architecture).

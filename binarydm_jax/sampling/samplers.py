@@ -18,7 +18,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from PIL import Image
 
-from binarydm_jax import diffusion, sharding
+from binarydm_jax import diffusion
+from binarydm_jax.runtime import sharding
 
 # `sampler(params, rng, n) -> n images in [-1, 1]`, as `make_sampler` builds it.
 Sampler = Callable[[Any, jax.Array, int], np.ndarray]

@@ -10,10 +10,13 @@ import flax.linen as nn
 import ml_collections
 from jax.sharding import Mesh
 
-from binarydm_jax import diffusion, sampling
-from binarydm_jax.first_stage import FirstStage
-from binarydm_jax.input_pipeline import ImageDataset
-from binarydm_jax.sampling import Sampler
+from binarydm_jax import diffusion
+from binarydm_jax.data.first_stage import FirstStage
+from binarydm_jax.data.input_pipeline import ImageDataset
+from binarydm_jax.evaluation import evaluator
+from binarydm_jax.runtime import sharding
+from binarydm_jax.sampling import samplers
+from binarydm_jax.sampling.samplers import Sampler
 
 if TYPE_CHECKING:
   from clu import metric_writers
@@ -54,8 +57,30 @@ class Job:
     return tuple(self.dataset.train.shape[1:])
 
   def sampler(self, model: nn.Module) -> Sampler:
-    """`sampling.make_sampler` for a UNet of this job: its images, decoded if latent."""
+    """`samplers.make_sampler` for a UNet of this job: its images, decoded if latent."""
     decode = self.first_stage.decode if self.first_stage else None
-    return sampling.make_sampler(
+    return samplers.make_sampler(
       model, self.schedule, self.config.sampling, self.mesh, self.image_shape, decode
+    )
+
+  def evaluate(
+    self, name: str, params: Any, model: nn.Module, model_id: str = ""
+  ) -> dict[str, Any]:
+    """Scores `model` with `params` by `config.eval.metric`; see `evaluator.evaluate_sampler`.
+
+    `model_id` tells these params apart from others evaluated under the same `name` in the job's
+    workdir (e.g. the stage's final step): metric 'inception' resumes only shards drawn with the
+    same name, id and sampling settings.
+    """
+    batch = self.config.eval.batch_size
+    sharding.check_batch_divisible(batch, self.mesh, "config.eval.batch_size")
+    return evaluator.evaluate_sampler(
+      name,
+      self.sampler(model),
+      params,
+      self.config,
+      self.images,
+      self.workdir,
+      self.writer,
+      model_id,
     )

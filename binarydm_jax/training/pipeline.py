@@ -15,27 +15,18 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from binarydm_jax import (
-  diffusion,
-  efficiency,
-  evaluate,
-  export,
-  first_stage,
-  lazy_imports,
-  prerequisites,
-  qat,
-  sampling,
-  sharding,
-  student,
-  train,
-  workdir_lock,
-)
-from binarydm_jax.config_validation import validate_config
-from binarydm_jax.input_pipeline import ImageDataset, load_dataset
-from binarydm_jax.job import Job
+from binarydm_jax import diffusion, efficiency, export, student
+from binarydm_jax.convert.teacher import assert_same_architecture, load_teacher
+from binarydm_jax.data import first_stage
+from binarydm_jax.data.input_pipeline import ImageDataset, load_dataset
+from binarydm_jax.evaluation import evaluator
 from binarydm_jax.models.unet import unet_from_config
-from binarydm_jax.preemption import Preempted
-from binarydm_jax.teacher import assert_same_architecture, load_teacher
+from binarydm_jax.runtime import lazy_imports, sharding
+from binarydm_jax.sampling import samplers
+from binarydm_jax.training import fp_stage, prerequisites, qat_stage, workdir_lock
+from binarydm_jax.training.config_validation import validate_config
+from binarydm_jax.training.job import Job
+from binarydm_jax.training.preemption import Preempted
 
 
 def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
@@ -66,7 +57,7 @@ def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
     model=unet_from_config(config.model),
     schedule=diffusion.schedule_from_config(config.diffusion),
     writer=writer,
-    on_sample=sampling.grid_callbacks(config, workdir, writer),
+    on_sample=samplers.grid_callbacks(config, workdir, writer),
     first_stage=first,
     images=images,
   )
@@ -101,7 +92,7 @@ def load_data(
 def teacher_stage(job: Job) -> Any:
   """The FP teacher's params on the mesh: loaded from `teacher.source`, else trained here."""
   if not job.config.teacher.source:
-    return train.train_teacher(job)
+    return fp_stage.train_teacher(job)
   teacher_config, params = load_teacher(job.config.teacher.source)
   assert_same_architecture(job.config.model, teacher_config, job.config.data.image_size)
   return jax.device_put(params, sharding.tree_shardings(params, job.mesh))
@@ -142,18 +133,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   job = setup_job(config, workdir)
   teacher_params = teacher_stage(job)
   teacher_id = config.teacher.source or f"step {config.training.num_steps}"
-  results = {
-    "teacher": evaluate.evaluate_model(job, "teacher", teacher_params, job.model, teacher_id)
-  }
-  evaluate.write_results(results, workdir)
+  results = {"teacher": job.evaluate("teacher", teacher_params, job.model, teacher_id)}
+  evaluator.write_results(results, workdir)
   if config.qat.method != "fp":
-    student_model, student_state = qat.train_student(job, teacher_params)
+    student_model, student_state = qat_stage.train_student(job, teacher_params)
     student_id = f"step {config.qat.num_steps}"
-    scores = evaluate.evaluate_model(
-      job, "student", student_state.ema_params, student_model, student_id
-    )
+    scores = job.evaluate("student", student_state.ema_params, student_model, student_id)
     results["student"] = scores | student.describe_student(config)
-    evaluate.write_results(results, workdir)
+    evaluator.write_results(results, workdir)
     export_stage(job, student_state)
   job.writer.flush()
   return results

@@ -1,0 +1,1 @@
+"""Input pipelines: the datasets, image folders and the LDM first stage (latent encoding)."""

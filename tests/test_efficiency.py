@@ -114,8 +114,9 @@ def test_ldm4_fp_row(ldm4):
 def test_ldm4_w1a4_row(ldm4):
   """Paper: W1A4 35.8 MB and 6.3 G OPs; high-order 70.2 MB and 12.6 G OPs.
 
-  Residuals (README "Efficiency accounting"): size 37.46 MB (+4.6%): 32.53 MB of sign bits, 4.57
-  MB of FP params (time_embed, conv_in, conv_out, biases, norms) and 0.36 MB of float32 scales;
+  Residuals (docs/export.md, "Efficiency accounting"): size 37.46 MB (+4.6%): 32.53 MB of sign
+  bits, 4.57 MB of FP params (time_embed, conv_in, conv_out, biases, norms) and 0.36 MB of float32
+  scales;
   the authors' v2 table and BiDM give 37.3 MB for the same W1 model, and 70.2 - 35.8 = 34.4 MB
   exceeds what one more basis can add (32.53 + 0.36 MB), so no one convention gives both 35.8 and
   70.2. OPs 6.05 G (-4.0%): the paper's W1A4, W2A4 and W4A4 OPs (6.3, 12.3, 24.3) all exceed

@@ -41,14 +41,14 @@ def get_config() -> ml_collections.ConfigDict:
   )
   model.flip_sin_to_cos = False  # Timestep embedding order [cos, sin] (LDM) instead of [sin, cos].
   model.downsample_padding = "asymmetric"  # 'asymmetric' (DDPM/TF SAME) or 'symmetric' (LDM).
-  # Optional LDM UNet fields, off when absent (set them in an LDM config; README "LDM UNet options"):
+  # Optional LDM UNet fields, off when absent (set them in an LDM config; docs/latent_diffusion.md):
   #   model.num_heads: heads per attention layer when num_head_channels is -1 (-1: one head).
   #   model.use_scale_shift_norm: the timestep scales and shifts each ResBlock's second GroupNorm.
   #   model.resblock_updown: 2x down/upsampling by ResBlocks (avg-pool / nearest) instead of convs.
   model.dtype = "float32"  # Compute dtype ('bfloat16' on TPU/GPU); params are always float32.
 
   # Latent diffusion: the frozen autoencoder around the UNet ('' = pixel space). With one,
-  # data.image_size and model.channels are the latents' (README "Latent diffusion jobs").
+  # data.image_size and model.channels are the latents' (docs/latent_diffusion.md).
   config.first_stage = first_stage.default_config()
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
@@ -142,8 +142,9 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.grid_size = 64  # Images in each saved sample grid.
 
   config.eval = evaluation = ml_collections.ConfigDict()
-  # 'digits_fid' (offline), 'inception' (FID, sFID, IS, precision/recall, KID against CIFAR-10's
-  # train split; needs the converted weights in eval.inception_dir) or 'none'.
+  # 'digits_fid' (offline), 'inception' (FID, sFID, IS, precision/recall, KID against the job's
+  # own training images, e.g. CIFAR-10's train split for configs/cifar.py; RGB images only; needs
+  # the converted weights in eval.inception_dir) or 'none'.
   evaluation.metric = "none"
   evaluation.num_samples = 1000  # Generated samples per evaluated model.
   # Seed of the evaluation's initial noise (the same for every model of a run) and of the digits

@@ -1,7 +1,8 @@
 """Evaluates trained models by sampling them and scoring the samples; writes WORKDIR/eval.json.
 
 `config.eval.metric`: 'digits_fid' (the digits CNN), 'inception' (the FID Inception metrics against
-CIFAR-10's train split; the samples are drawn in resumable shards under WORKDIR/eval_samples, so a
+the job's own training images, e.g. CIFAR-10's train split, their reference cached once per source
+(`reference_label`); the samples are drawn in resumable shards under WORKDIR/eval_samples, so a
 preempted 50,000-sample evaluation continues where it stopped) or 'none'.
 
 """

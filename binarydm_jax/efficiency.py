@@ -248,7 +248,7 @@ def account_model(
     count_attention: count attention matmuls (q@k, attn@v) as FP FLOPs in every form.
 
   Returns:
-    The dict described in the README ("Efficiency accounting"): `params`, `attention_macs`, one
+    The dict described in docs/export.md ("Efficiency accounting"): `params`, `attention_macs`, one
     entry per form in FORMS (`bops`, `flops`, `ops`, `size_bits`, `size_mb`; `fp` also `macs`),
     `saving` and `layers`.
   """

@@ -15,6 +15,6 @@ from configs import default
 def get_config() -> ml_collections.ConfigDict:
   """The defaults are the paper's CIFAR-10 setting, scored as the paper: 50,000 DDIM-100 samples."""
   config = default.get_config()
-  config.eval.metric = "inception"  # Weights: see README "Standard metrics (Inception)".
+  config.eval.metric = "inception"  # Weights: see docs/evaluation.md.
   config.eval.num_samples = 50_000
   return config

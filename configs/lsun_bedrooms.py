@@ -5,7 +5,8 @@
   python -m binarydm_jax.main --config=configs/lsun_bedrooms.py:smoke --workdir=/tmp/ldm_smoke
   python -m binarydm_jax.efficiency --config=configs/lsun_bedrooms.py
 
-README "Latent diffusion jobs" says how to get CONVERTED from the published model.ckpt.
+docs/latent_diffusion.md ("From the published checkpoint to a 1-bit export") says how to get
+CONVERTED from the published model.ckpt.
 """
 
 import ml_collections

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the job on one multi-GPU machine: one process that uses all its GPUs (or those of --gpus),
 # `python -m binarydm_jax.main --config=CONFIG --workdir=WORKDIR FLAGS` from this checkout with the
-# `python` on PATH (activate the virtualenv with jax[cuda12] first; see the README). On SIGTERM
+# `python` on PATH (activate the virtualenv with jax[cuda12] first; see docs/install.md). On SIGTERM
 # the job saves a checkpoint and exits 0; running this again resumes.
 #
 #   launch/gpu_run.sh --workdir=DIR [options] [-- FLAGS...]

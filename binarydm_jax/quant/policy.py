@@ -10,8 +10,8 @@ Independently, `act_bits` < 32 quantizes the layer's input (`act_quantizer`: 'si
 paper's form; 'asymmetric', LSQ+'s offset grid; 'dynamic', a per-sample step computed on the fly, as
 the released code behaves), with steps initialised by `act_init` ('lsq' or 'mse'), one step per
 timestep group (`act_t_groups`), one per part of a concatenated input (`act_split`), and the
-expected quantization error removed from the output (`bias_correction`). README "Activation
-quantizers" says what each costs.
+expected quantization error removed from the output (`bias_correction`). docs/quantization.md
+("Activation quantizers") says what each costs.
 """
 
 from __future__ import annotations

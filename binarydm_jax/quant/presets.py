@@ -76,7 +76,7 @@ def default_quant_config() -> ml_collections.ConfigDict:
   quant = ml_collections.ConfigDict()
   quant.preset = "W1A4"  # 'W1A4', 'W1A8', 'W1A32', 'baseline' (k=1 everywhere, A4) or 'fp'.
   quant.act_bits = -1  # Input bits of binarized layers: -1 = the preset's; else 2..8 or 32.
-  # Activation quantizer of every quantized input (README "Activation quantizers"): 'signed' LSQ
+  # Activation quantizer of every quantized input (docs/quantization.md): 'signed' LSQ
   # (paper), 'asymmetric' (LSQ+'s offset grid: step and offset) or 'dynamic' (a per-sample step
   # computed on the fly, as the released code in effect does).
   quant.act_quantizer = "signed"

@@ -33,7 +33,6 @@ _INFERENCE = flags.DEFINE_enum(
   "inference", "float", ["float", "int8"], "--export: fake-quant float or the int8 path."
 )
 _NPZ = flags.DEFINE_string("npz", None, "Also write the samples (uint8 NHWC, key arr_0) here.")
-GRID_MIN_SIZE = 64  # Pixels per grid image at least (16 px digits are enlarged 4x).
 
 
 def main(argv: list[str]) -> None:
@@ -50,7 +49,7 @@ def main(argv: list[str]) -> None:
     images = draw(source, _NUM.value, _SAMPLER.value, _STEPS.value, _SEED.value, _BATCH.value)
   written = []
   if _OUT.value:
-    samplers.save_png(samplers.image_grid(samplers.upscale(images, GRID_MIN_SIZE)), _OUT.value)
+    samplers.save_png(samplers.image_grid(images), _OUT.value)
     written.append(_OUT.value)
   if _NPZ.value:
     npz = epath.Path(_NPZ.value)

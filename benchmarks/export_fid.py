@@ -21,7 +21,7 @@ from binarydm_jax import workdir
 from binarydm_jax.data.input_pipeline import load_dataset
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_fid
-from binarydm_jax.export import FP_DTYPES, INFERENCE_MODES, export_student
+from binarydm_jax.export import FP_DTYPES, INFERENCE_MODES, export_student_from_workdir
 from binarydm_jax.sampling import sampleable
 from configs import default
 
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
     for variant in variants:
       fp_dtype, quant_dtype = variant.split("/")
       out = os.path.join(tmp, variant.replace("/", "_"))
-      info = export_student(_WORKDIR.value, out, fp_dtype, quant_dtype)
+      info = export_student_from_workdir(_WORKDIR.value, out, fp_dtype, quant_dtype)
       source = sampleable.load(out, None, "student", _INFERENCE.value)
       images = sampleable.draw(source, _NUM.value, None, None, seed, config.eval.batch_size)
       exact_images = images if exact_images is None else exact_images

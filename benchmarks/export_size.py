@@ -57,7 +57,9 @@ def main(argv: list[str]) -> None:
   with tempfile.TemporaryDirectory() as tmp:
     for fp_dtype, quant_dtype in itertools.product(_FP_DTYPES.value, _QUANT_DTYPES.value):
       out = os.path.join(tmp, f"{fp_dtype}_{quant_dtype}")
-      info = export_student((config, params), out, fp_dtype, quant_dtype)
+      info = export_student(
+        config, params, out, first_stage=None, fp_dtype=fp_dtype, quant_dtype=quant_dtype
+      )
       parts = {name: part["bytes"] for name, part in info["parts"].items()}
       model = config.model
       print(

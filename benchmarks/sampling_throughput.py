@@ -79,7 +79,9 @@ def main(argv: list[str]) -> None:
   export_config = config.copy_and_resolve_references()
   export_config.quant = quant_config
   with tempfile.TemporaryDirectory() as tmp:
-    manifest = export.export_student((export_config, student), os.path.join(tmp, "export"))
+    manifest = export.export_student(
+      export_config, student, os.path.join(tmp, "export"), first_stage=None
+    )
     int8_model, int8_params, _ = export.load_export(os.path.join(tmp, "export"), "int8")
 
   models = {

@@ -103,3 +103,7 @@ def main(argv: list[str]) -> None:
     out.write_text(json.dumps(result, indent=2, sort_keys=True))
     headline = {k: result[k] for k in ("fid", "kid", "num_samples") if k in result}
     print(f"{_JSON.value}: {headline}")
+
+
+if __name__ == "__main__":
+  app.run(main)

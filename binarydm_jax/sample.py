@@ -15,42 +15,36 @@ from etils import epath
 
 from binarydm_jax.errors import one_line_errors
 from binarydm_jax.runtime import fileio
-from binarydm_jax.sampling import samplers
-from binarydm_jax.sampling.sampleable import draw, load
+from binarydm_jax.sampling import samplers, source_flags
+from binarydm_jax.sampling.sampleable import draw
 
-_EXPORT = flags.DEFINE_string(
-  "export", None, "An export directory (python -m binarydm_jax.export)."
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "A job's --workdir, sampled with --which.")
-_WHICH = flags.DEFINE_enum("which", "student", ["teacher", "student"], "Model of --workdir.")
 _NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddim", "ddpm"], "Default: the model's config.")
-_STEPS = flags.DEFINE_integer("steps", None, "DDIM steps; default: the config's ddim_steps.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the initial noise (and DDPM's noise).")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Samples drawn per compiled call.")
 _OUT = flags.DEFINE_string("out", None, "PNG grid to write.")
-_INFERENCE = flags.DEFINE_enum(
-  "inference", "float", ["float", "int8"], "--export: fake-quant float or the int8 path."
-)
 _NPZ = flags.DEFINE_string("npz", None, "Also write the samples (uint8 NHWC, key arr_0) here.")
-GRID_MIN_SIZE = 64  # Pixels per grid image at least (16 px digits are enlarged 4x).
+flags.adopt_module_key_flags(source_flags)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if bool(_EXPORT.value) == bool(_WORKDIR.value):
-    raise app.UsageError("pass exactly one of --export=DIR or --workdir=DIR")
+  source_flags.check()
   if not (_OUT.value or _NPZ.value):
     raise app.UsageError("pass --out=grid.png and/or --npz=samples.npz")
-  if _NUM.value < 1 or _BATCH.value < 1 or (_STEPS.value is not None and _STEPS.value < 1):
-    raise app.UsageError("--num, --batch_size and --steps must be positive")
+  if _NUM.value < 1:
+    raise app.UsageError("--num must be positive")
   with one_line_errors():
-    source = load(_EXPORT.value, _WORKDIR.value, _WHICH.value, _INFERENCE.value)
-    images = draw(source, _NUM.value, _SAMPLER.value, _STEPS.value, _SEED.value, _BATCH.value)
+    source = source_flags.load_source()
+    images = draw(
+      source,
+      _NUM.value,
+      source_flags.SAMPLER.value,
+      source_flags.STEPS.value,
+      source_flags.SEED.value,
+      source_flags.BATCH.value,
+    )
   written = []
   if _OUT.value:
-    samplers.save_png(samplers.image_grid(samplers.upscale(images, GRID_MIN_SIZE)), _OUT.value)
+    samplers.save_png(samplers.image_grid(images), _OUT.value)
     written.append(_OUT.value)
   if _NPZ.value:
     npz = epath.Path(_NPZ.value)

@@ -121,3 +121,13 @@ def test_tensorflow_starts_quietly_where_it_is_used(tmp_path):
   assert list(tmp_path.glob("events.out.tfevents.*"))  # TensorFlow did run.
   for line in TF_START_UP_LOGS:
     assert line not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", ["binarydm_jax.sample", "binarydm_jax.generate"])
+def test_sample_and_generate_share_the_source_flags(command):
+  help_text = _run(["-m", command, "--help"]).stdout
+  for flag in ("--export", "--workdir", "--which", "--inference", "--sampler", "--steps", "--seed"):
+    assert f"  {flag}:" in help_text, flag
+  both = _run(["-m", command, "--export=a", "--workdir=b", "--out=c"])
+  assert "pass exactly one of --export=DIR or --workdir=DIR" in both.stderr
+  assert both.returncode != 0

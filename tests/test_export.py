@@ -15,6 +15,7 @@ import optax
 import pytest
 from PIL import Image
 
+import binarydm_jax.student
 from binarydm_jax import diffusion, workdir
 from binarydm_jax.convert.teacher import load_teacher
 from binarydm_jax.errors import TeacherError
@@ -32,7 +33,7 @@ from binarydm_jax.quant.params import scale_index
 from binarydm_jax.quant.weight_binarizer import int_quantize_kernel
 from binarydm_jax.training import checkpointing, qat_stage
 from binarydm_jax.training.train_state import create_train_state
-from configs import digits
+from configs import digits, lsun_churches
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def student(tmp_path_factory):
   config = tiny_config()
   params = random_student(config)
   out = tmp_path_factory.mktemp("export") / "export"
-  manifest = export_student((config, params), out)
+  manifest = export_student(config, params, out, first_stage=None)
   return config, workdir.student_model(config), params, out, manifest
 
 
@@ -192,7 +193,7 @@ def test_bytes_on_disk_equal_the_manifest(student):
 
 def test_bfloat16_rounds_only_the_fp_params(student, loaded, tmp_path):
   config, _, params, _, manifest = student
-  half = export_student((config, params), tmp_path / "bf16", fp_dtype="bfloat16")
+  half = export_student(config, params, tmp_path / "bf16", first_stage=None, fp_dtype="bfloat16")
   assert half["parts"]["fp"] == {
     "dtype": "bfloat16",
     "count": manifest["parts"]["fp"]["count"],
@@ -214,7 +215,7 @@ def test_bfloat16_rounds_only_the_fp_params(student, loaded, tmp_path):
 
 def test_float16_quant_dtype_rounds_only_the_scales_and_steps(student, loaded, tmp_path):
   config, _, params, _, manifest = student
-  half = export_student((config, params), tmp_path / "q16", quant_dtype="float16")
+  half = export_student(config, params, tmp_path / "q16", first_stage=None, quant_dtype="float16")
   assert half["quant_dtype"] == "float16"
   assert half["parts"]["quant"]["dtype"] == "float16"
   assert half["parts"]["quant"]["bytes"] == manifest["parts"]["quant"]["bytes"] // 2
@@ -234,8 +235,8 @@ def test_float16_quant_dtype_rounds_only_the_scales_and_steps(student, loaded, t
 def test_an_int8_kernel_keeps_its_codes_under_a_16_bit_step(tmp_path):
   config = tiny_config(fp_boundary_bits=8)
   params = random_student(config)
-  export_student((config, params), tmp_path / "f32")
-  export_student((config, params), tmp_path / "b16", quant_dtype="bfloat16")
+  export_student(config, params, tmp_path / "f32", first_stage=None)
+  export_student(config, params, tmp_path / "b16", first_stage=None, quant_dtype="bfloat16")
   exact, rounded = (load_export(tmp_path / name)[1] for name in ("f32", "b16"))
   kernel = get(exact, "conv_in/kernel")
   step = np.max(np.abs(kernel), axis=(0, 1, 2)) / 127  # The float32 step of each channel.
@@ -255,7 +256,7 @@ def get(params, path):
 def test_int8_boundary_layers_are_stored_as_int8(tmp_path):
   config = tiny_config(fp_boundary_bits=8)
   params = random_student(config)
-  manifest = export_student((config, params), tmp_path / "w8")
+  manifest = export_student(config, params, tmp_path / "w8", first_stage=None)
   rows = [r for r in layout.rows_from_table(manifest["policy"]) if r["treatment"] == "int"]
   assert {r["layer"] for r in rows} == {"time_embed_0", "time_embed_1", "conv_in", "conv_out"}
   assert manifest["parts"]["int8"]["bytes"] == sum(np.prod(r["kernel_shape"]) for r in rows)
@@ -317,7 +318,7 @@ def test_a_two_basis_student_is_refused(student, tmp_path):
     params["input_blocks_1"]["res"]["conv_1"]["scale_1"], 0.01
   )
   with pytest.raises(ExportError) as e:
-    export_student((config, params), tmp_path / "out")
+    export_student(config, params, tmp_path / "out", first_stage=None)
   assert "input_blocks_1/res/conv_1/scale_2" in one_line(e)
   assert "two bases" in str(e.value) and "switch" in str(e.value)
   assert not (tmp_path / "out").exists()
@@ -329,11 +330,37 @@ def test_a_workdir_without_a_student_is_refused(tmp_path):
   assert "student" in one_line(e) and "python -m binarydm_jax.main" in str(e.value)
 
 
+def test_the_export_uses_the_model_it_is_given(student, loaded, tmp_path, monkeypatch):
+  config, model, params, _, manifest = student
+
+  def rebuilt(*args, **kwargs):
+    raise AssertionError("export_student rebuilt the student it was given")
+
+  monkeypatch.setattr(binarydm_jax.student, "student_model", rebuilt)
+  again = export_student(config, params, tmp_path / "out", first_stage=None, model=model, step=7)
+  assert again["student"]["step"] == 7
+  for key in ("policy", "parts", "packed_bytes", "fp32_bytes"):
+    assert again[key] == manifest[key], key
+  jax.tree.map(np.testing.assert_array_equal, load_export(tmp_path / "out")[1], loaded[1])
+
+
+def test_the_first_stage_must_match_the_config(student, tmp_path):
+  config, _, params, _, _ = student
+  with pytest.raises(ExportError) as e:
+    export_student(config, params, tmp_path / "out", first_stage=object())
+  assert "no first stage" in one_line(e)
+  latent = lsun_churches.get_config("smoke")
+  with pytest.raises(ExportError) as e:
+    export_student(latent, {}, tmp_path / "out", first_stage=None)
+  assert "first_stage=job.first_stage" in one_line(e)
+  assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("option", ["fp_dtype", "quant_dtype"])
 def test_an_unknown_dtype_is_refused(student, tmp_path, option):
   config, _, params, _, _ = student
   with pytest.raises(ExportError) as e:
-    export_student((config, params), tmp_path / "out", **{option: "float64"})
+    export_student(config, params, tmp_path / "out", first_stage=None, **{option: "float64"})
   assert one_line(e) == f"{option}='float64': expected one of float32, bfloat16, float16"
 
 
@@ -342,7 +369,7 @@ def test_an_occupied_out_dir_is_refused(student, tmp_path):
   (tmp_path / "out").mkdir()
   (tmp_path / "out" / "notes.txt").write_text("mine")
   with pytest.raises(ExportError) as e:
-    export_student((config, params), tmp_path / "out")
+    export_student(config, params, tmp_path / "out", first_stage=None)
   assert "is not an export" in one_line(e)
   assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
@@ -501,7 +528,7 @@ def test_an_export_carries_the_activation_quantizers(tmp_path):
     act_quantizer="asymmetric", act_t_groups=4, act_split=True, bias_correction=True
   )
   params = random_student(config)
-  manifest = export_student((config, params), tmp_path / "export")
+  manifest = export_student(config, params, tmp_path / "export", first_stage=None)
   rows = {row["layer"]: row for row in layout.rows_from_table(manifest["policy"])}
   skip = rows["output_blocks_0/res/skip"]
   assert (skip["act_t_groups"], skip["act_split"], skip["bias_correction"]) == (4, True, True)

@@ -271,27 +271,3 @@ def test_precision_recall_matches_numpy_and_torch_fidelity():
     precision_recall.precision_recall(ref[:3], sample)
   with pytest.raises(ValueError, match="same layer"):
     precision_recall.precision_recall(ref, sample[:, :8])
-
-
-def test_inception_metrics_combines_the_metrics():
-  rng = np.random.default_rng(1)
-
-  def outputs(n, shift):
-    return inception.InceptionOutputs(
-      pool=rng.standard_normal((n, 12)) + shift,
-      spatial=rng.standard_normal((n, 7)) * (1 + shift),
-      logits_unbiased=rng.standard_normal((n, 10)) * 4,
-      logits=None,
-    )
-
-  samples, ref = outputs(60, 0.3), outputs(80, 0.0)
-  result = metrics.inception_metrics(samples, ref, split_size=30, batch_size=32)
-  precision, recall = precision_recall.precision_recall(ref.pool, samples.pool)
-  assert result == {
-    "fid": metrics.fid(samples.pool, ref.pool),
-    "sfid": metrics.fid(samples.spatial, ref.spatial),
-    "inception_score": metrics.inception_score(samples.logits_unbiased, 30),
-    "precision": precision,
-    "recall": recall,
-  }
-  assert result["fid"] != result["sfid"]

@@ -1,14 +1,16 @@
 """Scoring samples: reference caching, the Inception metrics, bad input, the CLIs end to end."""
 
+import hashlib
 import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from binarydm_jax.evaluation import inception, reference
+from binarydm_jax.evaluation import evaluator, inception, reference
 from binarydm_jax.evaluation.metrics import fid
 from binarydm_jax.evaluation.score import check_samples, reference_cache_label, score_inception
 from binarydm_jax.models.unet import unet_from_config
@@ -184,3 +186,18 @@ def test_digits_generate_then_evaluate(tmp_path):
   assert scores["generation"]["ddim_steps"] == 2 and scores["generation"]["model"].startswith(
     "teacher of"
   )
+
+
+def test_the_job_and_the_cli_name_references_one_way(tmp_path):
+  """One cache label: CIFAR-10 at 32 px is 'cifar10' for both; other sources hash their origin
+  (the labels of existing caches are kept: sha256 of the files' bytes, or of the job's origin)."""
+  cifar = ml_collections.ConfigDict({"data": {"name": "cifar10"}})
+  assert evaluator.reference_label(cifar, 32) == reference_cache_label("cifar10", None)
+  np.savez(tmp_path / "a.npz", arr_0=images(0))
+  digest = hashlib.sha256((tmp_path / "a.npz").read_bytes()).hexdigest()[:8]
+  assert reference_cache_label("images", str(tmp_path / "a.npz")) == f"images_{digest}"
+  folder = ml_collections.ConfigDict({"data": {"name": "folder", "data_dir": "/x"}})
+  origin = json.dumps(["/x", None, None], sort_keys=True).encode()
+  expected = f"folder64_{hashlib.sha256(origin).hexdigest()[:8]}"
+  assert evaluator.reference_label(folder, 64) == reference.cache_label("folder64", [origin])
+  assert evaluator.reference_label(folder, 64) == expected

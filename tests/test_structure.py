@@ -134,9 +134,7 @@ def test_packages_import_only_lower_layers():
   upward = sorted(
     f"{a} -> {b}"
     for a, b in graph.edges
-    if _top(a) in LAYERS
-    and _top(b) in LAYERS
-    and LAYERS.index(_top(b)) > LAYERS.index(_top(a))
+    if _top(a) in LAYERS and _top(b) in LAYERS and LAYERS.index(_top(b)) > LAYERS.index(_top(a))
   )
   assert not upward, upward
   base_imports = sorted(

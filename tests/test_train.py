@@ -131,8 +131,8 @@ def test_outputs(finished_job):
     with Image.open(path) as image:
       image.verify()
     with Image.open(path) as image:
-      # 32 grayscale 16x16 samples, 6 per row (6 rows, the last one part-filled), 1px borders.
-      assert image.format == "PNG" and image.mode == "L" and image.size == (6 * 17 + 1, 6 * 17 + 1)
+      # 32 grayscale 16x16 samples enlarged 4x, 6 per row (the last row part-filled), 1px borders.
+      assert image.format == "PNG" and image.mode == "L" and image.size == (6 * 65 + 1, 6 * 65 + 1)
       pixels = np.asarray(image)
     assert pixels.std() > 0
 

@@ -122,11 +122,11 @@ def reference_label(config: ml_collections.ConfigDict, image_size: int) -> str:
   resolutions never share a cached reference."""
   data = config.data
   if data.name == "cifar10" and image_size == 32:
-    return "cifar10"
+    return reference.cache_label("cifar10")
   origin = json.dumps(
     [data.get("data_dir"), data.get("max_images"), data.get("num_images")], sort_keys=True
   )
-  return f"{data.name}{image_size}_{hashlib.sha256(origin.encode()).hexdigest()[:8]}"
+  return reference.cache_label(f"{data.name}{image_size}", [origin.encode()])
 
 
 def _inception_metrics(

@@ -98,7 +98,7 @@ def pairs_grid(
     pad = columns - (stop - start)
     for images in (teacher[start:stop], student[start:stop]):
       rows.append(np.concatenate([images, np.full((pad, *images.shape[1:]), 1.0)]))
-  return samplers.image_grid(samplers.upscale(np.concatenate(rows), 64), columns=columns)
+  return samplers.image_grid(np.concatenate(rows), columns=columns)
 
 
 def timestep_group_batch(

@@ -21,8 +21,6 @@ from __future__ import annotations
 import numpy as np
 
 from binarydm_jax.evaluation.frechet import feature_statistics, frechet_distance
-from binarydm_jax.evaluation.inception import InceptionOutputs
-from binarydm_jax.evaluation.precision_recall import precision_recall
 
 IS_SPLIT_SIZE = 5000
 
@@ -67,33 +65,3 @@ def inception_score(logits_unbiased: np.ndarray, split_size: int = IS_SPLIT_SIZE
     log_marginal = np.log(np.exp(part).mean(axis=0))
     scores.append(np.exp(np.mean(np.sum(np.exp(part) * (part - log_marginal), axis=1))))
   return float(np.mean(scores))
-
-
-def inception_metrics(
-  samples: InceptionOutputs,
-  ref: InceptionOutputs,
-  *,
-  split_size: int = IS_SPLIT_SIZE,
-  k: int = 3,
-  batch_size: int = 1000,
-) -> dict[str, float]:
-  """FID, sFID, IS, precision and recall of samples against reference images, as ADM reports them.
-
-  Args:
-    samples: `InceptionExtractor` outputs of the generated images.
-    ref: `InceptionExtractor` outputs of the reference images (ADM: precision/recall on 10,000).
-    split_size: samples per Inception Score split.
-    k: the precision/recall neighbourhood size.
-    batch_size: rows per device call of precision/recall.
-
-  Returns:
-    {"fid", "sfid", "inception_score", "precision", "recall"}.
-  """
-  precision, recall = precision_recall(ref.pool, samples.pool, k=k, batch_size=batch_size)
-  return {
-    "fid": fid(samples.pool, ref.pool),
-    "sfid": fid(samples.spatial, ref.spatial),
-    "inception_score": inception_score(samples.logits_unbiased, split_size),
-    "precision": precision,
-    "recall": recall,
-  }

@@ -11,8 +11,9 @@ precision/recall (ADM uses 10,000 reference images) and of KID. It is cached as
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,21 @@ _FORMAT_VERSION = 1
 
 class ReferenceStatsError(UserError, ValueError):
   """A reference cache of another dataset or network, or one that cannot be read."""
+
+
+def cache_label(dataset: str, origin: Iterable[bytes] | None = None) -> str:
+  """The one name of real images in the reference cache (the job's and `evaluate`'s alike).
+
+  A standard split is its dataset name alone ('cifar10'), so a job and `--ref=cifar10` share it;
+  other images are `dataset` + '_' + 8 hex digits of the sha256 of `origin` (their files, or where
+  they come from), so that two sources never share a cached reference.
+  """
+  if origin is None:
+    return dataset
+  digest = hashlib.sha256()
+  for chunk in origin:
+    digest.update(chunk)
+  return f"{dataset}_{digest.hexdigest()[:8]}"
 
 
 def reference_path(

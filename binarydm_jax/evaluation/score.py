@@ -9,7 +9,6 @@ images: the same metrics against real images given as uint8 (LSUN, FFHQ, a folde
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -85,16 +84,14 @@ def reference_cache_label(ref: str, path: str | os.PathLike | None) -> str:
   """The reference cache's dataset name of `--ref`: 'cifar10', or 'images_' + a hash of the real
   images' files (an .npz or a shard directory), so that two sets of real images never share one."""
   if ref == "cifar10":
-    return "cifar10"
+    return reference.cache_label("cifar10")
   if not path:
     raise SamplesError("--ref=images needs the real images: pass --ref_npz=REAL.npz (arr_0: uint8)")
   root = epath.Path(path)
   if not root.exists():
     raise SamplesError(f"--ref_npz={path} does not exist: pass an .npz or a shard directory")
-  digest = hashlib.sha256()
-  for file in [root] if root.is_file() else sorted(root.glob("*.npz")):
-    digest.update(file.read_bytes())
-  return f"images_{digest.hexdigest()[:8]}"
+  files = [root] if root.is_file() else sorted(root.glob("*.npz"))
+  return reference.cache_label("images", (file.read_bytes() for file in files))
 
 
 def score_inception(

@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -14,7 +15,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from binarydm_jax import student, workdir
-from binarydm_jax.data import first_stage
+from binarydm_jax.data import first_stage as first_stage_lib
+from binarydm_jax.data.first_stage import FirstStage
 from binarydm_jax.models.unet import param_shapes, unet_from_config
 from binarydm_jax.quant.params import param_labels, scale_index
 from binarydm_jax.quant.policy import unwrap_params
@@ -22,8 +24,6 @@ from binarydm_jax.runtime import fileio
 
 from . import layout, manifest
 from .manifest import ExportError
-
-Source = str | os.PathLike | tuple[ml_collections.ConfigDict, Any]
 
 
 def _single_basis(params: Mapping[str, Any], where: str = "") -> dict[str, Any]:
@@ -79,45 +79,53 @@ def _prepare_out_dir(out_dir: epath.Path) -> epath.Path:
 
 
 def export_student(
-  source: Source,
+  config: ml_collections.ConfigDict,
+  params: Any,
   out_dir: str | os.PathLike,
+  *,
+  first_stage: FirstStage | None,
+  model: nn.Module | None = None,
   fp_dtype: str = "float32",
   quant_dtype: str = "float32",
   step: int | None = None,
 ) -> dict:
   """Writes a single-basis student as packed sign bits + scales, FP params and manifest.json.
 
+  Takes what a job already holds, so nothing is rebuilt or read from disk again.
+
   Args:
-    source: a job's workdir (its latest WORKDIR/student checkpoint, EMA params), or
-      (config, params): the job's config and the student's EMA params (`{'params': ...}` or the
-      inner dict), e.g. `(config, state.ema_params)` after `qat.train_student`.
+    config: the job's config.
+    params: the student's EMA params (`{'params': ...}` or the inner dict), e.g.
+      `state.ema_params` after `qat_stage.train_student`.
     out_dir: the export directory; an earlier export there is replaced.
+    first_stage: the job's first stage (`job.first_stage`), whose decoder a latent export ships;
+      None in pixel space.
+    model: the student UNet of `config` (as `train_student` returns it); built when None.
     fp_dtype: storage of the full-precision params: 'float32' (exact), 'bfloat16' or 'float16'.
     quant_dtype: storage of the binary scales, activation steps/offsets and int weight steps:
       'float32' (exact), 'float16' or 'bfloat16'.
-    step: the training step of (config, params), recorded in the manifest; a workdir's own
-      checkpoint step is used for a workdir.
+    step: the training step of the params, recorded in the manifest.
 
   Returns:
     The manifest (also in OUT_DIR/manifest.json).
 
   Raises:
-    ExportError: a two-basis student, an unknown dtype, an occupied out_dir, a workdir without
-      a student, or params that do not fit the config's student.
+    ExportError: a two-basis student, an unknown dtype, an occupied out_dir, params that do not
+      fit the config's student, or a latent config without its first stage (or the reverse).
   """
   options = {layout.FP: "fp_dtype", layout.QUANT: "quant_dtype"}
   names = {layout.FP: fp_dtype, layout.QUANT: quant_dtype}
   dtypes = {blob: manifest.check_dtype(names[blob], option) for blob, option in options.items()}
-  if isinstance(source, str | os.PathLike):
-    try:
-      trained = workdir.load_student(source)
-    except workdir.WorkdirError as e:
-      raise ExportError(str(e)) from e
-    config, params, step = trained.config, trained.params, trained.step
-  else:
-    config, params = source
+  latent = first_stage_lib.autoencoder_config(config) is not None
+  if latent != (first_stage is not None):
+    raise ExportError(
+      "a latent diffusion student needs its first stage (first_stage=job.first_stage)"
+      if latent
+      else "first_stage was given, but the config has no first stage (pixel space)"
+    )
   image_shape = workdir.image_shape(config)
-  model = student.student_model(config, unet_from_config(config.model), image_shape)
+  if model is None:
+    model = student.student_model(config, unet_from_config(config.model), image_shape)
   params = _single_basis(jax.device_get(unwrap_params(params)))
   policy = model.layers.policy  # `layers` holds every layer's (path, kernel shape).
   rows = layout.policy_rows([(path, shape, policy.resolve(path)) for path, shape in policy.layers])
@@ -129,19 +137,18 @@ def export_student(
   _check_finite(blobs, options)
 
   out_dir = epath.Path(out_dir)
-  first = first_stage.from_config(config)
   tmp = _prepare_out_dir(out_dir)
   try:
     _write_checkpoint(tmp / manifest.WEIGHTS, blobs)
     files = manifest.file_table(tmp, manifest.WEIGHTS)
     extra = {}
-    if first is not None:  # Sampling decodes the latents: ship the decoder, in fp_dtype.
-      decoder = first_stage.decoder_params(first.params)
-      first_stage.save(tmp / manifest.FIRST_STAGE, first.config, decoder, dtype=fp_dtype)
+    if first_stage is not None:  # Sampling decodes the latents: ship the decoder, in fp_dtype.
+      decoder = first_stage_lib.decoder_params(first_stage.params)
+      first_stage_lib.save(tmp / manifest.FIRST_STAGE, first_stage.config, decoder, dtype=fp_dtype)
       first_files = manifest.file_table(tmp, manifest.FIRST_STAGE)
       files |= first_files
       extra["first_stage"] = {
-        "kind": first.config.kind,
+        "kind": first_stage.config.kind,
         "dtype": fp_dtype,
         "params": sum(np.size(leaf) for leaf in jax.tree.leaves(decoder)),
         "bytes": sum(entry["bytes"] for entry in first_files.values()),
@@ -183,6 +190,25 @@ def export_student_from_workdir(
   fp_dtype: str = "float32",
   quant_dtype: str = "float32",
 ) -> dict:
-  """`export_student` of a job's latest student checkpoint into OUT_DIR (default WORKDIR/export)."""
+  """`export_student` of a job's latest student checkpoint into OUT_DIR (default WORKDIR/export).
+
+  Reads the checkpoint (EMA params, its step) and the job's first stage once each.
+
+  Raises:
+    ExportError: a workdir without a student checkpoint, or what `export_student` raises.
+  """
+  try:
+    trained = workdir.load_student(workdir_path)
+  except workdir.WorkdirError as e:
+    raise ExportError(str(e)) from e
   out_dir = out_dir if out_dir is not None else epath.Path(workdir_path) / "export"
-  return export_student(workdir_path, out_dir, fp_dtype, quant_dtype)
+  return export_student(
+    trained.config,
+    trained.params,
+    out_dir,
+    first_stage=first_stage_lib.from_config(trained.config),
+    model=trained.model,
+    fp_dtype=fp_dtype,
+    quant_dtype=quant_dtype,
+    step=trained.step,
+  )

@@ -70,6 +70,9 @@ def make_sampler(
   return run
 
 
+GRID_MIN_SIZE = 64  # Pixels per grid image at least, so that 16 px digits can be looked at.
+
+
 def sample_many(
   sampler: Sampler,
   params: Any,
@@ -96,9 +99,12 @@ def upscale(images: np.ndarray, min_size: int) -> np.ndarray:
   return images.repeat(factor, axis=1).repeat(factor, axis=2)
 
 
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+def image_grid(
+  images: np.ndarray, columns: int | None = None, min_size: int = GRID_MIN_SIZE
+) -> np.ndarray:
   """Tiles NHWC images in [-1, 1] into one uint8 grid (H', W', C) with 1px borders: `columns`
-  images a row (default: a square-ish grid)."""
+  images a row (default: a square-ish grid), each enlarged to at least `min_size` pixels."""
+  images = upscale(images, min_size)
   n, h, w, c = images.shape
   cols = columns or math.ceil(math.sqrt(n))
   rows = math.ceil(n / cols)

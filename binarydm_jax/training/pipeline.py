@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging as pylogging
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 from absl import logging
@@ -98,7 +99,7 @@ def teacher_stage(job: Job) -> Any:
   return jax.device_put(params, sharding.tree_shardings(params, job.mesh))
 
 
-def export_stage(job: Job, student_state: Any) -> None:
+def export_stage(job: Job, student_model: nn.Module, student_state: Any) -> None:
   """Writes WORKDIR/efficiency.json and WORKDIR/export, the bit-packed student (EMA params).
 
   With several processes the params may be split over hosts; export from the checkpoint on one
@@ -110,10 +111,13 @@ def export_stage(job: Job, student_state: Any) -> None:
     logging.info("Several processes: run `python -m binarydm_jax.export --workdir=%s`", job.workdir)
     return
   manifest = export.export_student(
-    (job.config, jax.device_get(student_state.ema_params)),
+    job.config,
+    jax.device_get(student_state.ema_params),
     epath.Path(job.workdir) / "export",
-    job.config.export.fp_dtype,
-    job.config.export.quant_dtype,
+    first_stage=job.first_stage,
+    model=student_model,
+    fp_dtype=job.config.export.fp_dtype,
+    quant_dtype=job.config.export.quant_dtype,
     step=int(jax.device_get(student_state.step)),
   )
   logging.info(
@@ -141,7 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     scores = job.evaluate("student", student_state.ema_params, student_model, student_id)
     results["student"] = scores | student.describe_student(config)
     evaluator.write_results(results, workdir)
-    export_stage(job, student_state)
+    export_stage(job, student_model, student_state)
   job.writer.flush()
   return results
 

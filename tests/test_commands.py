@@ -109,7 +109,7 @@ def test_importing_the_package_does_not_import_tensorflow():
 def test_tensorflow_starts_quietly_where_it_is_used(tmp_path):
   """clu's writer and a tfds builder import TensorFlow; its start-up logs stay silent."""
   script = (
-    "from binarydm_jax import lazy_imports\n"
+    "from binarydm_jax.runtime import lazy_imports\n"
     f"writer = lazy_imports.metric_writers().create_default_writer({str(tmp_path)!r})\n"
     "writer.write_scalars(0, {'loss': 1.0})\n"
     "writer.flush()\n"

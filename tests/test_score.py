@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 from binarydm_jax.evaluation import evaluator, inception, reference
 from binarydm_jax.evaluation.metrics import fid
@@ -201,3 +202,33 @@ def test_the_job_and_the_cli_name_references_one_way(tmp_path):
   expected = f"folder64_{hashlib.sha256(origin).hexdigest()[:8]}"
   assert evaluator.reference_label(folder, 64) == reference.cache_label("folder64", [origin])
   assert evaluator.reference_label(folder, 64) == expected
+
+
+@pytest.mark.parametrize("case", ["empty", "images of mixed sizes"])
+def test_the_cli_refuses_a_folder_without_samples_in_one_line(tmp_path, case):
+  folder = tmp_path / "samples"
+  folder.mkdir()
+  if case == "images of mixed sizes":  # Pictures (not generate's shards), 8 and 16 px.
+    Image.fromarray(images(0)[0]).save(folder / "a.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "b.png")
+    expected = (
+      f"error: {folder} holds 2 image file(s) (a.png, ...) but no samples_NNNNN.npz shards: "
+      "samples are read from generate's shards or one .npz; pack the images, all of one size"
+    )
+  else:
+    expected = f"error: {folder} holds no samples_NNNNN.npz shards: run generate first"
+  result = run_module(
+    "binarydm_jax.evaluate", f"--samples={folder}", "--ref=cifar10", f"--json={tmp_path / 'x'}"
+  )
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith(expected)
+
+
+def test_shards_of_mixed_image_sizes_are_refused(tmp_path):
+  np.savez(tmp_path / "samples_00000.npz", arr_0=images(0))
+  np.savez(tmp_path / "samples_00001.npz", arr_0=np.zeros((NUM, 16, 16, 3), np.uint8))
+  with pytest.raises(SamplesError) as excinfo:
+    load_samples(tmp_path)
+  assert (
+    one_line(excinfo) == f"the shards of {tmp_path} differ in image shape or dtype: regenerate them"
+  )

@@ -7,9 +7,10 @@ number costs: which `eval.num_samples` makes two evaluations of one model agree?
 Draws max(--counts) samples of the teacher (the digits config's sampler, e.g. DDIM-50) per
 `eval.seed` of --seeds; the evaluation of N samples is the first N of them, exactly the samples
 `evaluate_sampler` draws with `eval.num_samples=N` (batch i of the noise depends only on the seed
-and i). Prints per count the per-seed fid / fid_all / kid, their std over seeds (population) and
-largest difference between two seeds, and the seconds one evaluation of N samples costs: its
-sampling time (the measured seconds per image times N, compile excluded) plus its scoring time.
+and i). Prints per count the per-seed fid / fid_all / kid_x1e3 (KID x 1e3), their std over seeds
+(population) and largest difference between two seeds, and the seconds one evaluation of N
+samples costs: its sampling time (the measured seconds per image times N, compile excluded) plus
+its scoring time.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
   0,
   "Sampling batch (0: the config's eval.batch_size; an accelerator takes thousands).",
 )
-METRICS = ("fid", "fid_all", "kid")
+METRICS = ("fid", "fid_all", "kid_x1e3")
 
 
 def spread_row(count: int, by_seed: list[dict], seconds: float) -> str:
@@ -51,7 +52,7 @@ def spread_row(count: int, by_seed: list[dict], seconds: float) -> str:
   cells = [str(count)]
   for key in METRICS:
     values = np.array([scores[key] for scores in by_seed])
-    fmt = ".4g" if key == "kid" else ".1f"
+    fmt = ".4g" if key == "kid_x1e3" else ".1f"
     cells.append(" / ".join(f"{v:{fmt}}" for v in values))
     cells.append(f"{values.std():{fmt}}")
     cells.append(f"{values.max() - values.min():{fmt}}")

@@ -11,8 +11,8 @@ images under `arr_0` or a directory of `binarydm_jax.generate` shards.
 
 digits: `digits_metrics` (16 px grayscale, the offline digits CNN) against the held-out split,
   with the FID against the whole real set, its bootstrap interval and KID.
-cifar10: FID, sFID, Inception Score, precision/recall and KID (`kid`, `kid_std`) in the FID
-  Inception (`--inception`, converted by `binarydm_jax.convert.inception`) against the reference
+cifar10: FID, sFID, Inception Score, precision/recall and KID x 1e3 (`kid_x1e3`, `kid_std_x1e3`)
+  in the FID Inception (`--inception`, converted by `binarydm_jax.convert.inception`) against the reference
   statistics of the CIFAR-10 train split (tfds, or the uint8 images of --ref_npz), computed once
   and cached in --cache_dir (`evaluation.reference`).
 images: the same metrics against the real uint8 RGB images of --ref_npz (an .npz with `arr_0`
@@ -101,7 +101,7 @@ def main(argv: list[str]) -> None:
     out = epath.Path(_JSON.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True))
-    headline = {k: result[k] for k in ("fid", "kid", "num_samples") if k in result}
+    headline = {k: result[k] for k in ("fid", "kid_x1e3", "num_samples") if k in result}
     print(f"{_JSON.value}: {headline}")
 
 

@@ -10,7 +10,14 @@ import pytest
 import scipy.linalg
 
 from binarydm_jax.data import input_pipeline
-from binarydm_jax.evaluation import bootstrap, digits_classifier, digits_fid, evaluator, frechet
+from binarydm_jax.evaluation import (
+  bootstrap,
+  digits_classifier,
+  digits_fid,
+  evaluator,
+  frechet,
+  kid,
+)
 from binarydm_jax.training.config_validation import validate_config
 from configs import digits as digits_config
 
@@ -167,8 +174,9 @@ def test_digits_metrics_keep_the_held_out_fid_and_add_the_rest(metrics, extracto
     "fid",
     "fid_all",
     "fid_ci",
-    "kid",
-    "kid_std",
+    "kid_x1e3",
+    "kid_std_x1e3",
+    "kid_subset_size",
     "num_samples",
     "feature_extractor",
   }
@@ -178,7 +186,10 @@ def test_digits_metrics_keep_the_held_out_fid_and_add_the_rest(metrics, extracto
     digits_fid.digits_fid(samples, whole, extractor)["fid"], rel=1e-9
   )
   assert abs(result["fid_all"] - result["fid"]) > 0.01 * result["fid"]
-  assert result["kid"] > 3 * result["kid_std"] > 0  # Noisy digits are measurably not digits.
+  # Noisy digits are measurably not digits; KID x 1e3, in subsets of all 300 samples.
+  assert result["kid_x1e3"] > 3 * result["kid_std_x1e3"] > 0 and result["kid_subset_size"] == 300
+  features = extractor.features(samples), extractor.features(digits.heldout)
+  assert result["kid_x1e3"] == pytest.approx(1e3 * kid.kid(*features, seed=5)["kid"], rel=1e-9)
   assert (result["num_samples"], result["feature_extractor"]) == (300, extractor.name)
 
 
@@ -242,15 +253,15 @@ def test_evaluate_sampler_reports_every_digits_score_and_follows_eval_seed(digit
     return result, writer.scalars, samples
 
   result, scalars, samples = run(1234)
-  assert {"fid", "fid_all", "fid_ci", "kid", "kid_std", "sampler"} <= set(result)
+  assert {"fid", "fid_all", "fid_ci", "kid_x1e3", "kid_std_x1e3", "sampler"} <= set(result)
   low, high = result["fid_ci"]
   assert scalars == {
     "m/digits_fid": result["fid"],
     "m/digits_fid_all": result["fid_all"],
     "m/digits_fid_ci_low": low,
     "m/digits_fid_ci_high": high,
-    "m/digits_kid": result["kid"],
-    "m/digits_kid_std": result["kid_std"],
+    "m/digits_kid_x1e3": result["kid_x1e3"],
+    "m/digits_kid_std_x1e3": result["kid_std_x1e3"],
   }
   same, _, same_samples = run(1234)
   other, _, other_samples = run(7)

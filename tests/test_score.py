@@ -65,9 +65,9 @@ def test_cifar10_metrics_against_a_cached_reference(extractor, tmp_path):
   # The cached pool features are all 8 (under the 10,000 cap): FID from them directly.
   assert other["fid"] == pytest.approx(fid(extractor(images(1)).pool, cached["pool"]), rel=1e-9)
   assert abs(same["fid"]) < 1e-4 * other["fid"] and abs(same["sfid"]) < 1e-4 * other["sfid"]
-  assert other["kid"] > same["kid"]
+  assert other["kid_x1e3"] > same["kid_x1e3"] and other["kid_subset_size"] == NUM
   assert other["num_samples"] == NUM and other["feature_extractor_sha256"] == "ab" * 32
-  assert set(other) >= {"inception_score", "kid_std"}
+  assert set(other) >= {"inception_score", "kid_std_x1e3"} and "kid" not in other
 
 
 def test_a_reference_of_another_dataset_or_network_is_refused(extractor, tmp_path):

@@ -29,7 +29,16 @@ if TYPE_CHECKING:
   from clu import metric_writers
 
 SHARD_SIZE = 1000  # Samples per resumable shard of the inception metric.
-INCEPTION_SCALARS = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "kid_std")
+INCEPTION_SCALARS = (
+  "fid",
+  "sfid",
+  "inception_score",
+  "precision",
+  "recall",
+  "kid_x1e3",
+  "kid_std_x1e3",
+)
+DIGITS_SCALARS = ("fid", "fid_all", "kid_x1e3", "kid_std_x1e3")
 
 
 def evaluate_sampler(
@@ -66,7 +75,7 @@ def evaluate_sampler(
     extractor = DigitsFeatureExtractor(image_shape[0], cache_dir=config.eval.cache_dir)
     result = digits_metrics(samples, dataset.heldout, dataset.train, extractor, seed=seed)
     low, high = result["fid_ci"]
-    scalars = {key: result[key] for key in ("fid", "fid_all", "kid", "kid_std")}
+    scalars = {key: result[key] for key in DIGITS_SCALARS}
     scalars.update(fid_ci_low=low, fid_ci_high=high)
     writer.write_scalars(0, {f"{name}/digits_{key}": value for key, value in scalars.items()})
   elif config.eval.metric == "inception":

@@ -2,8 +2,8 @@
 
 digits: `digits_metrics` (the offline digits CNN) against the held-out split, with the FID against
   the whole real set, its bootstrap interval and KID.
-cifar10: FID, sFID, Inception Score, precision/recall and KID (`kid`, `kid_std`) in the FID
-  Inception against reference statistics of the real data (`evaluation.reference`).
+cifar10: FID, sFID, Inception Score, precision/recall and KID x 1e3 (`kid_x1e3`, `kid_std_x1e3`)
+  in the FID Inception against reference statistics of the real data (`evaluation.reference`).
 images: the same metrics against real images given as uint8 (LSUN, FFHQ, a folder's).
 """
 
@@ -22,7 +22,7 @@ from binarydm_jax.evaluation import inception, reference
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_metrics
 from binarydm_jax.evaluation.frechet import feature_statistics, frechet_distance
-from binarydm_jax.evaluation.kid import kid
+from binarydm_jax.evaluation.kid import kid_x1e3
 from binarydm_jax.evaluation.metrics import inception_score
 from binarydm_jax.evaluation.precision_recall import precision_recall
 from binarydm_jax.sampling import samplers
@@ -100,7 +100,8 @@ def score_inception(
   extractor: inception.InceptionExtractor,
   seed: int = 0,
 ) -> dict[str, Any]:
-  """FID, sFID, IS, precision/recall and KID of uint8 RGB samples against a `reference`."""
+  """FID, sFID, IS, precision/recall and KID x 1e3 (`kid_x1e3`, `kid_std_x1e3`, with its
+  `kid_subset_size`) of uint8 RGB samples against a `reference`."""
   features = extractor(images)
   precision, recall = precision_recall(ref["pool"], features.pool, k=K)
   return {
@@ -109,7 +110,7 @@ def score_inception(
     "inception_score": inception_score(features.logits_unbiased),
     "precision": precision,
     "recall": recall,
-    **kid(features.pool, ref["pool"], seed=seed),
+    **kid_x1e3(features.pool, ref["pool"], seed=seed),
     "num_samples": len(images),
     "feature_extractor": extractor.name,
     "feature_extractor_sha256": extractor.source_sha256,

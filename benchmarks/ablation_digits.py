@@ -112,7 +112,9 @@ def run_one(job: Job, teacher_params, teacher_images: np.ndarray) -> dict[str, f
   """Trains one student in a fresh workdir; its digits-FID (EMA params, as the job samples).
 
   The final scores are `fid` (held-out split) and, beside it, `fid_all` (all real digits), `fid_ci`
-  (bootstrap interval of `fid`), `kid` and `kid_std` (`evaluation.digits_fid.digits_metrics`).
+  (bootstrap interval of `fid`), `kid_x1e3` and `kid_std_x1e3` (KID x 1e3;
+  `evaluation.digits_fid.digits_metrics`) and `reliable` (enough samples for each metric,
+  `evaluation.minimums`; runs before it was recorded have `kid`, `kid_std`, the raw KID).
 
   With --raw_params also `fid_raw`: the same student's final non-averaged params; with
   --fid_every also `fid_curve`: {step: FID of the EMA params} along the run; with --switch_fid
@@ -179,7 +181,8 @@ def run_one(job: Job, teacher_params, teacher_images: np.ndarray) -> dict[str, f
     )
     final = scores(state.ema_params)
     # The held-out FID, and the steadier / interval scores beside it (see the metric's noise).
-    result = {key: final[key] for key in ("fid", "fid_all", "fid_ci", "kid", "kid_std")}
+    keys = ("fid", "fid_all", "fid_ci", "kid_x1e3", "kid_std_x1e3", "reliable")
+    result = {key: final[key] for key in keys}
     paired = fidelity.image_fidelity(
       teacher_images,
       paired_images(samplers[0], state.ema_params),

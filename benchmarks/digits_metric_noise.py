@@ -7,9 +7,11 @@ number costs: which `eval.num_samples` makes two evaluations of one model agree?
 Draws max(--counts) samples of the teacher (the digits config's sampler, e.g. DDIM-50) per
 `eval.seed` of --seeds; the evaluation of N samples is the first N of them, exactly the samples
 `evaluate_sampler` draws with `eval.num_samples=N` (batch i of the noise depends only on the seed
-and i). Prints per count the per-seed fid / fid_all / kid, their std over seeds (population) and
-largest difference between two seeds, and the seconds one evaluation of N samples costs: its
-sampling time (the measured seconds per image times N, compile excluded) plus its scoring time.
+and i). Prints per count the per-seed fid / fid_all / kid_x1e3 (KID x 1e3), their std over seeds
+(population) and largest difference between two seeds, and the seconds one evaluation of N
+samples costs: its sampling time (the measured seconds per image times N, compile excluded) plus
+its scoring time. It scores every count given, also one below a metric's minimum
+(`evaluation.minimums`): `reliable` in the per-seed lines says so.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from absl import app, flags
 from binarydm_jax import diffusion
 from binarydm_jax.convert.teacher import assert_same_architecture, load_teacher
 from binarydm_jax.data.input_pipeline import load_dataset
+from binarydm_jax.evaluation import minimums, score
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_metrics
 from binarydm_jax.models.unet import unet_from_config
@@ -43,7 +46,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
   0,
   "Sampling batch (0: the config's eval.batch_size; an accelerator takes thousands).",
 )
-METRICS = ("fid", "fid_all", "kid")
+METRICS = ("fid", "fid_all", "kid_x1e3")
 
 
 def spread_row(count: int, by_seed: list[dict], seconds: float) -> str:
@@ -51,7 +54,7 @@ def spread_row(count: int, by_seed: list[dict], seconds: float) -> str:
   cells = [str(count)]
   for key in METRICS:
     values = np.array([scores[key] for scores in by_seed])
-    fmt = ".4g" if key == "kid" else ".1f"
+    fmt = ".4g" if key == "kid_x1e3" else ".1f"
     cells.append(" / ".join(f"{v:{fmt}}" for v in values))
     cells.append(f"{values.std():{fmt}}")
     cells.append(f"{values.max() - values.min():{fmt}}")
@@ -101,8 +104,10 @@ def main(argv: list[str]) -> None:
     per_image = (time.time() - started) / counts[-1]
     for count in counts:
       started = time.time()
+      needs = score.digits_needs(count, len(dataset.heldout))
       scores[count].append(
         digits_metrics(samples[:count], dataset.heldout, dataset.train, extractor, seed=seed)
+        | minimums.judge(needs, allow_few_samples=True)
       )
       seconds[count].append(per_image * count + time.time() - started)
       print(f"seed {seed}, {count} samples: {scores[count][-1]}", flush=True)

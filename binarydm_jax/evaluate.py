@@ -9,10 +9,15 @@
 --samples is an `.npz` with uint8 NHWC
 images under `arr_0` or a directory of `binarydm_jax.generate` shards.
 
+Below the samples a metric needs (FID, sFID: more than the features' dimensions, 64 for digits and
+2048 / 2023 for the Inception; KID: its subset size; precision/recall: more than k = 3;
+`evaluation.minimums`) it refuses in one line; with --allow_few_samples it scores them and the JSON
+says `"reliable": false` and why (`unreliable`), as does the printed line.
+
 digits: `digits_metrics` (16 px grayscale, the offline digits CNN) against the held-out split,
   with the FID against the whole real set, its bootstrap interval and KID.
-cifar10: FID, sFID, Inception Score, precision/recall and KID (`kid`, `kid_std`) in the FID
-  Inception (`--inception`, converted by `binarydm_jax.convert.inception`) against the reference
+cifar10: FID, sFID, Inception Score, precision/recall and KID x 1e3 (`kid_x1e3`, `kid_std_x1e3`)
+  in the FID Inception (`--inception`, converted by `binarydm_jax.convert.inception`) against the reference
   statistics of the CIFAR-10 train split (tfds, or the uint8 images of --ref_npz), computed once
   and cached in --cache_dir (`evaluation.reference`).
 images: the same metrics against the real uint8 RGB images of --ref_npz (an .npz with `arr_0`
@@ -29,7 +34,7 @@ from absl import app, flags
 from etils import epath
 
 from binarydm_jax.errors import one_line_errors
-from binarydm_jax.evaluation import inception, reference
+from binarydm_jax.evaluation import inception, minimums, reference
 from binarydm_jax.evaluation.score import (
   REFS,
   check_samples,
@@ -70,6 +75,12 @@ _CACHE_DIR = flags.DEFINE_string(
   "cache_dir", reference.DEFAULT_CACHE_DIR, "Where references are cached."
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of KID's subsets and the digits bootstrap.")
+_ALLOW_FEW = flags.DEFINE_bool(
+  "allow_few_samples",
+  False,
+  "Score fewer samples than a metric needs (e.g. FID: more than its feature dimensions); the "
+  'JSON then says "reliable": false and why.',
+)
 
 
 def main(argv: list[str]) -> None:
@@ -81,7 +92,7 @@ def main(argv: list[str]) -> None:
     images = load_samples(_SAMPLES.value)
     check_samples(images, _REF.value)
     if _REF.value == "digits":
-      result = score_digits(images, _SEED.value)
+      result = score_digits(images, _SEED.value, allow_few_samples=_ALLOW_FEW.value)
     else:
       extractor = inception.load_inception(_INCEPTION.value, allow_other_weights=_ALLOW_OTHER.value)
       result = score_against_reference(
@@ -92,6 +103,7 @@ def main(argv: list[str]) -> None:
         _CACHE_DIR.value,
         _REF_STATS.value,
         _SEED.value,
+        allow_few_samples=_ALLOW_FEW.value,
       )
   manifest = epath.Path(_SAMPLES.value) / MANIFEST_NAME
   if manifest.is_file():
@@ -101,8 +113,7 @@ def main(argv: list[str]) -> None:
     out = epath.Path(_JSON.value)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True))
-    headline = {k: result[k] for k in ("fid", "kid", "num_samples") if k in result}
-    print(f"{_JSON.value}: {headline}")
+    print(f"{_JSON.value}: {minimums.headline(result)}")
 
 
 if __name__ == "__main__":

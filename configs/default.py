@@ -157,6 +157,11 @@ def get_config() -> ml_collections.ConfigDict:
   # eval.metric='inception': the converted FID Inception weights (python -m
   # binarydm_jax.convert.inception); None = ~/.cache/binarydm_jax/inception_fid.
   evaluation.inception_dir = config_dict.placeholder(str)
+  # Score fewer eval samples (or reference images) than a metric needs (FID, sFID: more than the
+  # features' dimensions, 64 for digits, 2048 / 2023 for the Inception; KID: its subset size;
+  # precision/recall: more than k = 3): False stops the job before training; True scores them and
+  # eval.json says "reliable": false and why (`unreliable`). The smoke variants set it.
+  evaluation.allow_few_samples = False
 
   config.mesh = mesh = ml_collections.ConfigDict()
   mesh.data = -1  # Devices on the data axis; -1 = all devices not used by fsdp.

@@ -121,6 +121,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.sampling.grid_size = 8
   config.eval.num_samples = 8
   config.eval.batch_size = 8
+  config.eval.allow_few_samples = True  # 8 < the 2,049 of FID: unreliable, as a smoke test is.
   return config
 
 

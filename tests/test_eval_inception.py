@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from binarydm_jax.evaluation import evaluator, inception
+from binarydm_jax.evaluation import evaluator, inception, minimums
 from binarydm_jax.sampling.sample_shards import shard_path
 from binarydm_jax.training import pipeline
 from configs import cifar
@@ -29,6 +29,7 @@ def tiny_cifar_config(tmp_path, inception_dir):
   config.qat.method = "fp"
   config.sampling.update(ddim_steps=2, grid_size=NUM)
   config.eval.update(num_samples=NUM, batch_size=NUM, inception_dir=str(inception_dir))
+  config.eval.allow_few_samples = True  # 8 samples: scored, marked unreliable.
   config.eval.cache_dir = str(tmp_path / "cache")
   return config
 
@@ -57,8 +58,10 @@ def test_the_job_scores_inception_metrics_and_resumes_its_shards(
   results = pipeline.run(config, str(workdir))
   scores = json.loads((workdir / "eval.json").read_text())["teacher"]
   assert scores == json.loads(json.dumps(results["teacher"]))
-  metrics = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "kid_std")
-  assert all(np.isfinite(scores[key]) for key in metrics)
+  metrics = evaluator.INCEPTION_SCALARS
+  assert "kid_x1e3" in metrics and all(np.isfinite(scores[key]) for key in metrics)
+  assert scores["reliable"] is False and scores["min_samples"]["fid"] == 2049
+  assert scores["unreliable"][0].startswith("FID needs at least 2,049 samples")
   assert scores["fid"] > 0 and 1 <= scores["inception_score"] <= inception.NUM_CLASSES
   assert scores["feature_extractor"] == "inception_2015_12_05_abababab"
   assert scores["feature_extractor_sha256"] == "ab" * 32
@@ -78,6 +81,24 @@ def test_the_job_scores_inception_metrics_and_resumes_its_shards(
   again = pipeline.run(config, str(workdir))["teacher"]
   assert again["generation"]["drawn"] == 1
   assert {k: again[k] for k in metrics} == {k: scores[k] for k in metrics}
+
+
+def test_too_few_eval_samples_stop_the_inception_job_before_training(
+  weights_dir,  # noqa: F811
+  mocked_cifar10,
+  tmp_path,
+  monkeypatch,
+):
+  monkeypatch.setattr(inception, "WEIGHTS_SHA256", "ab" * 32)  # Take the random weights.
+  config = tiny_cifar_config(tmp_path, weights_dir)
+  config.eval.allow_few_samples = False
+  workdir = tmp_path / "work"
+  with pytest.raises(minimums.FewSamplesError) as excinfo:
+    pipeline.run(config, str(workdir))
+  message = one_line(excinfo)
+  assert "FID needs at least 2,049 samples" in message and "got 8" in message
+  assert "--config.eval.allow_few_samples=True" in message
+  assert not (workdir / "teacher").exists()
 
 
 def test_missing_weights_stop_the_job_before_any_work(tmp_path, mocked_cifar10):

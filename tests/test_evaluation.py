@@ -1,7 +1,10 @@
 """Tests for the Frechet distance, the digits feature extractor, digits FID and its companions."""
 
 import hashlib
+import importlib
+import logging
 import pathlib
+import types
 
 import jax
 import ml_collections
@@ -10,8 +13,19 @@ import pytest
 import scipy.linalg
 
 from binarydm_jax.data import input_pipeline
-from binarydm_jax.evaluation import bootstrap, digits_classifier, digits_fid, evaluator, frechet
+from binarydm_jax.errors import ConfigError
+from binarydm_jax.evaluation import (
+  bootstrap,
+  digits_classifier,
+  digits_fid,
+  evaluator,
+  frechet,
+  kid,
+  minimums,
+)
+from binarydm_jax.training import pipeline
 from binarydm_jax.training.config_validation import validate_config
+from configs import cifar as cifar_config
 from configs import digits as digits_config
 
 IMAGE_SIZE = 16
@@ -167,8 +181,9 @@ def test_digits_metrics_keep_the_held_out_fid_and_add_the_rest(metrics, extracto
     "fid",
     "fid_all",
     "fid_ci",
-    "kid",
-    "kid_std",
+    "kid_x1e3",
+    "kid_std_x1e3",
+    "kid_subset_size",
     "num_samples",
     "feature_extractor",
   }
@@ -178,7 +193,10 @@ def test_digits_metrics_keep_the_held_out_fid_and_add_the_rest(metrics, extracto
     digits_fid.digits_fid(samples, whole, extractor)["fid"], rel=1e-9
   )
   assert abs(result["fid_all"] - result["fid"]) > 0.01 * result["fid"]
-  assert result["kid"] > 3 * result["kid_std"] > 0  # Noisy digits are measurably not digits.
+  # Noisy digits are measurably not digits; KID x 1e3, in subsets of all 300 samples.
+  assert result["kid_x1e3"] > 3 * result["kid_std_x1e3"] > 0 and result["kid_subset_size"] == 300
+  features = extractor.features(samples), extractor.features(digits.heldout)
+  assert result["kid_x1e3"] == pytest.approx(1e3 * kid.kid(*features, seed=5)["kid"], rel=1e-9)
   assert (result["num_samples"], result["feature_extractor"]) == (300, extractor.name)
 
 
@@ -222,7 +240,9 @@ class _RecordingWriter:
     del step, images
 
 
-def test_evaluate_sampler_reports_every_digits_score_and_follows_eval_seed(digits, tmp_path):
+def test_evaluate_sampler_reports_every_digits_score_and_follows_eval_seed(
+  digits, tmp_path, caplog
+):
   config = digits_config.get_config("smoke")
   config.eval.num_samples = 96
   config.eval.cache_dir = str(tmp_path / "cache")
@@ -241,17 +261,29 @@ def test_evaluate_sampler_reports_every_digits_score_and_follows_eval_seed(digit
     drawn.clear()
     return result, writer.scalars, samples
 
-  result, scalars, samples = run(1234)
-  assert {"fid", "fid_all", "fid_ci", "kid", "kid_std", "sampler"} <= set(result)
+  with caplog.at_level(logging.INFO):
+    result, scalars, samples = run(1234)
+  assert {"fid", "fid_all", "fid_ci", "kid_x1e3", "kid_std_x1e3", "sampler"} <= set(result)
   low, high = result["fid_ci"]
   assert scalars == {
     "m/digits_fid": result["fid"],
     "m/digits_fid_all": result["fid_all"],
     "m/digits_fid_ci_low": low,
     "m/digits_fid_ci_high": high,
-    "m/digits_kid": result["kid"],
-    "m/digits_kid_std": result["kid_std"],
+    "m/digits_kid_x1e3": result["kid_x1e3"],
+    "m/digits_kid_std_x1e3": result["kid_std_x1e3"],
   }
+  # 96 samples: enough for FID (65), not for KID's subsets of 359 (the held-out split); the
+  # smoke config allows few samples, so the result and the log line say so.
+  assert result["num_samples"] == 96 and result["feature_dims"] == {"fid": 64, "kid": 64}
+  assert result["min_samples"] == {"fid": 65, "kid": 359} and result["reliable"] is False
+  assert result["unreliable"] == [
+    "KID needs at least 359 samples (its subset size, min(1,000, 359 reference rows)), got 96"
+  ]
+  (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("m evaluation")]
+  assert f"fid {result['fid']:.4g}" in line and line.endswith(
+    "; UNRELIABLE: " + result["unreliable"][0]
+  )
   same, _, same_samples = run(1234)
   other, _, other_samples = run(7)
   np.testing.assert_array_equal(same_samples, samples)
@@ -273,3 +305,96 @@ def test_steady_digits_variant_scores_the_measured_sample_count():
   assert steady.to_dict() == default.to_dict()
   with pytest.raises(ValueError, match="use 'smoke', 'steady' or nothing"):
     digits_config.get_config("noisy")
+
+
+def test_the_default_digits_job_scores_enough_samples_and_the_smoke_jobs_allow_few(digits):
+  """configs/digits.py scores 512 samples: more than FID's 64 dimensions and KID's subset of the
+  359 held-out digits. The smoke variants score 8 or 32 and allow it; the full jobs do not."""
+  default = evaluator.check_sample_counts(digits_config.get_config(), digits)
+  assert default == {
+    "reliable": True,
+    "unreliable": [],
+    "min_samples": {"fid": 65, "kid": 359},
+    "feature_dims": {"fid": 64, "kid": digits_classifier.FEATURE_DIM},
+  }
+  assert len(digits.heldout) == 359 and digits_classifier.FEATURE_DIM == 64
+  smoke = digits_config.get_config("smoke")
+  assert (
+    smoke.eval.allow_few_samples and not evaluator.check_sample_counts(smoke, digits)["reliable"]
+  )
+  for name in ("lsun_bedrooms", "lsun_churches", "ffhq"):
+    module = importlib.import_module(f"configs.{name}")
+    assert module.get_config("smoke").eval.allow_few_samples is True
+    assert module.get_config().eval.allow_few_samples is False
+  assert cifar_config.get_config().eval.allow_few_samples is False
+
+
+def test_too_few_eval_samples_are_refused_in_one_line_naming_metric_count_minimum_and_fix(digits):
+  config = digits_config.get_config("smoke")
+  config.eval.allow_few_samples = False
+  with pytest.raises(minimums.FewSamplesError) as excinfo:
+    evaluator.check_sample_counts(config, digits)
+  message = str(excinfo.value)
+  assert "\n" not in message
+  assert message.startswith(
+    "too few samples to score: FID needs at least 65 samples (more than its 64 feature "
+    "dimensions, else the covariance is singular), got 32; KID needs at least 359 samples"
+  )
+  assert message.endswith(
+    "pass --config.eval.allow_few_samples=True to score them anyway (the result is then marked "
+    "unreliable)"
+  )
+
+
+def test_the_inception_job_needs_more_samples_and_reference_images_than_2048_dimensions():
+  config = cifar_config.get_config()
+  train = types.SimpleNamespace(train=np.zeros((50_000, 1), np.uint8))
+  scores = evaluator.check_sample_counts(config, train)
+  assert scores["reliable"] and scores["feature_dims"] == {
+    "fid": 2048,
+    "sfid": 2023,
+    "kid": 2048,
+    "precision_recall": 2048,
+  }
+  assert scores["min_samples"] == {"fid": 2049, "sfid": 2024, "kid": 1000, "precision_recall": 4}
+  config.eval.num_samples = 2048
+  with pytest.raises(
+    minimums.FewSamplesError, match=r"FID needs at least 2,049 samples .*got 2,048: "
+  ):
+    evaluator.check_sample_counts(config, train)
+  config.eval.num_samples = 50_000
+  few_real = types.SimpleNamespace(train=np.zeros((2000, 1), np.uint8))  # A small folder.
+  config.eval.allow_few_samples = True
+  scores = evaluator.check_sample_counts(config, few_real)
+  assert scores["unreliable"] == [
+    "FID needs at least 2,049 reference images (more than its 2,048 feature dimensions, else the "
+    "covariance is singular), got 2,000",
+    "sFID needs at least 2,024 reference images (more than its 2,023 feature dimensions, else the "
+    "covariance is singular), got 2,000",
+  ]
+
+
+def test_the_job_refuses_too_few_eval_samples_before_sampling_or_training(digits, tmp_path):
+  config = digits_config.get_config("smoke")
+  config.eval.allow_few_samples = False
+
+  def sampler(params, rng, num):
+    raise AssertionError("refused before drawing any sample")
+
+  writer = _RecordingWriter()
+  with pytest.raises(minimums.FewSamplesError, match="got 32"):
+    evaluator.evaluate_sampler("m", sampler, None, config, digits, str(tmp_path), writer)
+  workdir = tmp_path / "work"
+  with pytest.raises(minimums.FewSamplesError, match="--config.eval.allow_few_samples=True"):
+    pipeline.run(config, str(workdir))
+  assert not (workdir / "teacher").exists()  # Before any training.
+
+
+def test_eval_allow_few_samples_must_be_a_bool():
+  config = digits_config.get_config()
+  with config.ignore_type():
+    config.eval.allow_few_samples = "yes"
+  with pytest.raises(
+    ConfigError, match=r"config.eval.allow_few_samples='yes': expected True or False"
+  ):
+    validate_config(config)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from binarydm_jax.evaluation.kid import kid
+from binarydm_jax.evaluation.kid import kid, kid_x1e3
 
 
 def _reference_mmd2(x: np.ndarray, y: np.ndarray) -> float:
@@ -71,6 +71,17 @@ def test_subset_size_is_clipped_to_the_smaller_set():
   clipped = kid(a, b, subset_size=1000, num_subsets=4, seed=0)
   assert clipped == kid(a, b, subset_size=12, num_subsets=4, seed=0)
   np.testing.assert_allclose(clipped["kid"], _reference_kid(a, b, 12, 4, 0)[0], rtol=1e-9)
+
+
+def test_results_carry_kid_times_1e3_in_keys_that_say_so():
+  rng = np.random.default_rng(4)
+  a, b = rng.standard_normal((12, 3)), rng.standard_normal((40, 3)) + 1.0
+  raw = kid(a, b, subset_size=20, num_subsets=4, seed=1)
+  scaled = kid_x1e3(a, b, subset_size=20, num_subsets=4, seed=1)
+  assert set(scaled) == {"kid_x1e3", "kid_std_x1e3", "kid_subset_size"}
+  assert scaled["kid_x1e3"] == pytest.approx(1e3 * raw["kid"], rel=1e-12)
+  assert scaled["kid_std_x1e3"] == pytest.approx(1e3 * raw["kid_std"], rel=1e-12)
+  assert scaled["kid_subset_size"] == 12 and raw["kid"] > 0.01  # A shifted set: a clear KID.
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import numpy as np
 from binarydm_jax.evaluation import frechet
 from binarydm_jax.evaluation.bootstrap import frechet_distance_interval
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
-from binarydm_jax.evaluation.kid import kid
+from binarydm_jax.evaluation.kid import kid_x1e3
 
 BOOTSTRAP_DRAWS = 200
 
@@ -61,8 +61,9 @@ def digits_metrics(
   Returns:
     `digits_fid`'s `{"fid", "num_samples", "feature_extractor"}` (`fid`: against `heldout`)
     and `fid_all`: the FID against train + held-out; `fid_ci`: `[low, high]`, the 95%
-    bootstrap interval of `fid` over `BOOTSTRAP_DRAWS` resamplings of the samples; `kid`,
-    `kid_std`: KID against `heldout` (subsets of min(1000, samples, held-out) images).
+    bootstrap interval of `fid` over `BOOTSTRAP_DRAWS` resamplings of the samples; `kid_x1e3`,
+    `kid_std_x1e3`: KID x 1e3 against `heldout`, and `kid_subset_size`: its subsets' size,
+    min(1000, samples, held-out images) (`kid.kid_x1e3`).
 
   Raises:
     ValueError: As `digits_fid`.
@@ -79,7 +80,7 @@ def digits_metrics(
         sample_features, *heldout_stats, num_draws=BOOTSTRAP_DRAWS, seed=seed
       )
     ),
-    **kid(sample_features, heldout_features, seed=seed),
+    **kid_x1e3(sample_features, heldout_features, seed=seed),
     "num_samples": len(samples),
     "feature_extractor": extractor.name,
   }

@@ -5,6 +5,10 @@ the job's own training images, e.g. CIFAR-10's train split, their reference cach
 (`reference_label`); the samples are drawn in resumable shards under WORKDIR/eval_samples, so a
 preempted 50,000-sample evaluation continues where it stopped) or 'none'.
 
+Fewer `eval.num_samples` (or reference images) than a metric needs (`evaluation.minimums`) stop
+the job before any training (`check_sample_counts`, from `pipeline.setup_job`) and any evaluation,
+unless `eval.allow_few_samples`; then every entry of eval.json says `"reliable": false` and why,
+as does the evaluation's log line.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from absl import logging
 from etils import epath
 
 from binarydm_jax.data.input_pipeline import ImageDataset
-from binarydm_jax.evaluation import inception, reference, score
+from binarydm_jax.evaluation import inception, minimums, reference, score
 from binarydm_jax.evaluation.digits_classifier import DigitsFeatureExtractor
 from binarydm_jax.evaluation.digits_fid import digits_metrics
 from binarydm_jax.runtime.fileio import write_atomic
@@ -30,7 +34,43 @@ if TYPE_CHECKING:
   from clu import metric_writers
 
 SHARD_SIZE = 1000  # Samples per resumable shard of the inception metric.
-INCEPTION_SCALARS = ("fid", "sfid", "inception_score", "precision", "recall", "kid", "kid_std")
+INCEPTION_SCALARS = (
+  "fid",
+  "sfid",
+  "inception_score",
+  "precision",
+  "recall",
+  "kid_x1e3",
+  "kid_std_x1e3",
+)
+DIGITS_SCALARS = ("fid", "fid_all", "kid_x1e3", "kid_std_x1e3")
+
+
+def check_sample_counts(config: ml_collections.ConfigDict, dataset: ImageDataset) -> dict[str, Any]:
+  """`minimums.judge` of `config.eval.num_samples` against the job's reference images.
+
+  digits_fid: the held-out split; inception: the training images (the reference's `num_images`,
+  and the at most `reference.MAX_FEATURES` of them it keeps). Nothing for eval.metric='none'.
+
+  Returns:
+    The reliability entries (`reliable`, `unreliable`, `min_samples`, `feature_dims`).
+
+  Raises:
+    FewSamplesError: (one line) below a metric's minimum, unless `eval.allow_few_samples`.
+  """
+  num = config.eval.num_samples
+  if config.eval.metric == "digits_fid":
+    needs = score.digits_needs(num, len(dataset.heldout))
+  elif config.eval.metric == "inception":
+    num_real = len(dataset.train)
+    needs = score.inception_needs(num, num_real, min(num_real, reference.MAX_FEATURES))
+  else:
+    return {}
+  return minimums.judge(needs, _allow_few_samples(config), minimums.CONFIG_FIX)
+
+
+def _allow_few_samples(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.eval.get("allow_few_samples", False))
 
 
 def evaluate_sampler(
@@ -47,7 +87,12 @@ def evaluate_sampler(
 
   The initial noise comes from `config.eval.seed`, so every model of a run is scored on the same
   noise; the same seed draws the digits metrics' bootstrap and the KID subsets.
+
+  Raises:
+    FewSamplesError: (one line, before any sample is drawn) `config.eval.num_samples` below what
+      a metric needs (`check_sample_counts`), unless `config.eval.allow_few_samples`.
   """
+  reliability = check_sample_counts(config, dataset)
   image_shape = dataset.train.shape[1:]
   seed = config.eval.seed
   if config.eval.metric == "inception":
@@ -66,8 +111,9 @@ def evaluate_sampler(
   if config.eval.metric == "digits_fid":
     extractor = DigitsFeatureExtractor(image_shape[0], cache_dir=config.eval.cache_dir)
     result = digits_metrics(samples, dataset.heldout, dataset.train, extractor, seed=seed)
+    result |= reliability
     low, high = result["fid_ci"]
-    scalars = {key: result[key] for key in ("fid", "fid_all", "kid", "kid_std")}
+    scalars = {key: result[key] for key in DIGITS_SCALARS}
     scalars.update(fid_ci_low=low, fid_ci_high=high)
     writer.write_scalars(0, {f"{name}/digits_{key}": value for key, value in scalars.items()})
   elif config.eval.metric == "inception":
@@ -78,6 +124,9 @@ def evaluate_sampler(
   result["sampler"] = (
     f"ddim{config.sampling.ddim_steps}" if config.sampling.sampler == "ddim" else "ddpm"
   )
+  if config.eval.metric != "none":
+    log = logging.info if result["reliable"] else logging.warning
+    log("%s evaluation (%s): %s", name, config.eval.metric, minimums.headline(result))
   return result
 
 
@@ -147,6 +196,8 @@ def _inception_metrics(
     lambda: samplers.to_uint8(dataset.train),
     cache_dir,
     seed=config.eval.seed,
+    allow_few_samples=_allow_few_samples(config),
+    fix=minimums.CONFIG_FIX,
   )
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from binarydm_jax.data.image_folder import IMAGE_SUFFIXES
 from binarydm_jax.errors import UserError
 from binarydm_jax.runtime import fileio
 from binarydm_jax.sampling import samplers
@@ -252,6 +253,13 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
     raise SamplesError(f"{path} does not exist: pass an .npz or a directory of generate's shards")
   shards = sorted(path.glob(f"{SHARD_PREFIX}[0-9][0-9][0-9][0-9][0-9].npz"))
   if not shards:
+    pictures = sorted(p.name for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if pictures:
+      raise SamplesError(
+        f"{path} holds {len(pictures)} image file(s) ({pictures[0]}, ...) but no "
+        f"{SHARD_PREFIX}NNNNN.npz shards: samples are read from generate's shards or one .npz; "
+        "pack the images, all of one size, as np.savez(OUT.npz, arr_0=uint8 NHWC array)"
+      )
     raise SamplesError(f"{path} holds no {SHARD_PREFIX}NNNNN.npz shards: run generate first")
   expected = [shard_path(path, s) for s in range(len(shards))]
   manifest = path / MANIFEST_NAME

@@ -182,6 +182,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check(
     config, "eval.inception_dir", lambda v: v is None or isinstance(v, str), "None or a directory"
   )
+  _check(
+    config,
+    "eval.allow_few_samples",
+    lambda v: isinstance(v, bool),
+    "True or False (score fewer samples than a metric needs, marked unreliable)",
+    default=False,
+  )
   _check(config, "eval.batch_size", _positive_int, "a positive int")
   _check(config, "eval.seed", lambda v: _non_negative_int(v) and v < 2**32, "an int in [0, 2**32)")
   _check(

@@ -35,7 +35,8 @@ def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
 
   Everything that can fail on bad input fails here, before any training: every config value
   (the student's quantization policy included) and every missing prerequisite (data, teacher,
-  first stage, Inception weights) before the workdir is even created.
+  first stage, Inception weights) before the workdir is even created, and too few evaluation
+  samples for a metric (`evaluator.check_sample_counts`) once the data is loaded.
   """
   validate_config(config)
   prerequisites.check(config)
@@ -46,6 +47,13 @@ def setup_job(config: ml_collections.ConfigDict, workdir: str) -> Job:
     sharding.check_batch_divisible(config[section][field], mesh, f"config.{key}")
   logging.info("Mesh: %s over %d process(es)", dict(mesh.shape), jax.process_count())
   images, first, dataset = load_data(config)
+  # Too few evaluation samples for a metric: refused now, not after training (or allowed).
+  reliability = evaluator.check_sample_counts(config, images)
+  if not reliability.get("reliable", True):
+    logging.warning(
+      "eval.allow_few_samples: the evaluation will be unreliable: %s",
+      "; ".join(reliability["unreliable"]),
+    )
   writers = lazy_imports.metric_writers()
   writer = writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if jax.process_index() == 0 and not (epath.Path(workdir) / "teacher").exists():

@@ -1,9 +1,9 @@
 """Command line: `python -m binarydm_jax.main --config=configs/digits.py --workdir=DIR`.
 
 Intentionally short: flags in, `pipeline.run_command(config, workdir)` out. User errors (bad
-config, missing data or Inception weights, wrong or damaged checkpoint, NaN loss, a workdir that
-is a file or in use by another job) are printed as one line; anything else is a bug and keeps its
-traceback. A preempted job (SIGTERM) logs where it saved and exits 0; rerunning it resumes.
+config, missing data or Inception weights, wrong, damaged or unreachable checkpoint, NaN or
+diverging loss, a workdir that is a file or in use by another job) are printed as one line;
+anything else is a bug and keeps its traceback. A preempted job (SIGTERM) logs where it saved and exits 0; rerunning it resumes.
 """
 
 from absl import app, flags

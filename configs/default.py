@@ -71,6 +71,16 @@ def get_config() -> ml_collections.ConfigDict:
   training.keep_checkpoints = 3  # Number of most recent checkpoints kept.
   training.sample_every = 50_000  # Steps between sample grids (PNG + TensorBoard).
   training.seed = 0  # Seed of params init, noise and dropout (data order: data.seed).
+  # Divergence guard of both stages (the NaN check's sibling): the stage stops, its checkpoints
+  # kept, once the loss has been above divergence_factor x its running median (over the last
+  # divergence_window losses that were not above) for divergence_steps steps in a row; no periodic
+  # checkpoint is written while such a run lasts. In digits smoke runs (batch 16, the noisiest;
+  # teacher 600 steps, student 400 through the EBB switch) loss / running median (window 100) peaks
+  # at 2.6 (teacher) and 3.7 (student, right after the switch), and stays above 2x for at most 3
+  # steps in a row: 10x for 20 steps leaves a wide margin. 0 (factor or steps) turns it off.
+  training.divergence_factor = 10.0
+  training.divergence_steps = 20
+  training.divergence_window = 100
 
   config.optim = optim = ml_collections.ConfigDict()
   optim.learning_rate = 2e-4  # Adam peak learning rate (DDPM: 2e-4).

@@ -5,6 +5,7 @@ Fast: the loop with tests/test_train.py's toy stage. Slow: SIGTERM to the real s
 """
 
 import dataclasses
+import errno
 import glob
 import json
 import logging
@@ -21,6 +22,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 from binarydm_jax.runtime import sharding
 from binarydm_jax.training import checkpointing, loop, qat_stage
@@ -257,6 +259,192 @@ def test_no_readable_checkpoint_is_one_error_and_nothing_is_renamed(tmp_path):
   )
   assert message.endswith(f"otherwise move {directory} away to train this stage from scratch")
   assert sorted(os.listdir(directory)) == ["2", "4"]
+
+
+# ------------------------------------------------------------------------ transient read faults
+
+
+@pytest.fixture
+def waits(monkeypatch):
+  """Reads tried 3 times; the waits between them are recorded, not slept."""
+  waits = []
+  retry = checkpointing.ReadRetry(attempts=3, first_delay_s=0.5, sleep=waits.append)
+  monkeypatch.setattr(checkpointing, "READ_RETRY", retry)
+  return waits
+
+
+def _flaky_config_reads(monkeypatch, failures, error=TimeoutError):
+  """Orbax's read of a step's config file (epath's read_text) raises `error` on the first
+  `failures[step]` reads of that step; returns the steps read, in order."""
+  cls = type(epath.Path("/"))
+  read_text = cls.read_text
+  reads = []
+
+  def flaky(self, *args, **kwargs):
+    if self.name == "metadata" and self.parent.name == "config":
+      step = int(self.parent.parent.name)
+      reads.append(step)
+      if reads.count(step) <= failures.get(step, 0):
+        raise error(f"reading {self} timed out")
+    return read_text(self, *args, **kwargs)
+
+  monkeypatch.setattr(cls, "read_text", flaky)
+  return reads
+
+
+def _flaky_state_reads(monkeypatch, error, failures):
+  """The state read of a checkpoint raises `error()` on its first `failures` calls."""
+  restore = ocp.CheckpointManager.restore
+  calls = []
+
+  def flaky(self, step, *args, **kwargs):
+    if "state" in kwargs["args"]:
+      calls.append(step)
+      if len(calls) <= failures:
+        raise error()
+    return restore(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
+  return calls
+
+
+def test_a_transient_read_fault_is_retried_and_the_newest_checkpoint_resumed(
+  tmp_path, monkeypatch, waits, caplog
+):
+  directory = tmp_path / "teacher"
+  _run("teacher", directory, 4)  # checkpoints 2 and 4
+  reads = _flaky_config_reads(monkeypatch, {4: 2})
+  writer = _Recorder()
+  with caplog.at_level(logging.WARNING):
+    state = _run("teacher", directory, NUM_STEPS, writer=writer)
+  assert reads == [4, 4, 4] and waits == [0.5, 1.0]
+  # Resumed from step 4: steps 5 and 6 ran, as the uninterrupted run's.
+  losses, w = _uninterrupted(NUM_STEPS)
+  assert writer.scalars["teacher/loss"] == losses[4:]
+  np.testing.assert_allclose(state.params["w"], w)
+  assert sorted(os.listdir(directory)) == ["2", "4", "6"]  # Nothing renamed.
+  messages = [r.getMessage() for r in caplog.records]
+  assert not [m for m in messages if "damaged" in m]
+  assert len([m for m in messages if m.startswith(f"Reading checkpoint {directory}/4 failed")]) == 2
+
+
+def _unavailable():
+  return ValueError('UNAVAILABLE: Error reading "state/d/x" from gs://bucket: HTTP response 503')
+
+
+def _connection_reset_inside():
+  try:
+    raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+  except ConnectionResetError as error:
+    raise RuntimeError("restore failed") from error
+
+
+@pytest.mark.parametrize("error", [_unavailable, _connection_reset_inside])
+def test_a_transient_state_read_fault_is_retried(tmp_path, monkeypatch, waits, error):
+  """Tensorstore's status codes, and an I/O error the error was raised from, are transient."""
+  directory = tmp_path / "student"
+  _run("student", directory, 4)
+  calls = _flaky_state_reads(monkeypatch, error, failures=1)
+  writer = _Recorder()
+  _run("student", directory, NUM_STEPS, writer=writer)
+  assert calls == [4, 4] and waits == [0.5]
+  assert [s for s, _ in writer.scalars["student/loss"]] == [5, 6]
+  assert sorted(os.listdir(directory)) == ["2", "4", "6"]
+
+
+@pytest.mark.parametrize("newest_damaged", [False, True])
+def test_a_persistent_read_fault_stops_in_one_line_and_renames_nothing(
+  tmp_path, monkeypatch, waits, newest_damaged
+):
+  """Also when a damaged newer checkpoint was found first: it is not moved aside either."""
+  directory = tmp_path / "teacher"
+  _run("teacher", directory, 4)
+  if newest_damaged:
+    _overwrite(_btree_node(str(directory / "4")))
+  failing = 2 if newest_damaged else 4
+  _flaky_config_reads(monkeypatch, {failing: 10**6})
+  with pytest.raises(checkpointing.CheckpointAccessError) as error:
+    _run("teacher", directory, NUM_STEPS)
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith(f"cannot read checkpoint {directory}/{failing}: TimeoutError: reading ")
+  assert "(still failing after 3 tries); nothing was renamed or deleted" in message
+  assert message.endswith("then rerun the same command to resume from it")
+  assert waits == [0.5, 1.0]
+  assert sorted(os.listdir(directory)) == ["2", "4"]
+  assert sorted(os.listdir(directory / "4")) == sorted(os.listdir(directory / "2"))
+
+
+def test_a_damaged_checkpoint_is_not_retried_and_still_moved_aside(
+  tmp_path, monkeypatch, waits, caplog
+):
+  """The newest checkpoint's file does not decode; the older one's first read times out."""
+  directory = tmp_path / "teacher"
+  _run("teacher", directory, 4)
+  _overwrite(directory / "4" / "config" / "metadata")
+  reads = _flaky_config_reads(monkeypatch, {2: 1})
+  writer = _Recorder()
+  with caplog.at_level(logging.WARNING):
+    state = _run("teacher", directory, NUM_STEPS, writer=writer)
+  assert reads == [4, 2, 2] and waits == [0.5]  # The undecodable file is read once.
+  (warning,) = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert warning.startswith(f"Checkpoint {directory}/4 is damaged (UnicodeDecodeError: ")
+  losses, w = _uninterrupted(NUM_STEPS)
+  assert writer.scalars["teacher/loss"] == losses[2:]
+  np.testing.assert_allclose(state.params["w"], w)
+  assert sorted(os.listdir(directory)) == ["2", "4", "4.damaged", "6"]
+
+
+class ServiceUnavailable(Exception):  # google.api_core's 503, by name
+  code = 503
+
+
+class HttpError(Exception):  # gcsfs's, with its HTTP status
+  def __init__(self, code):
+    super().__init__(f"HTTP {code}")
+    self.code = code
+
+
+class UnavailableError(Exception):  # TensorFlow gfile's, by name
+  pass
+
+
+def _raised_while_handling(outer, inner):
+  try:
+    try:
+      raise inner
+    except type(inner):
+      raise outer  # noqa: B904 (the implicit context is the point)
+  except type(outer) as error:
+    return error
+
+
+@pytest.mark.parametrize(
+  "error,transient",
+  [
+    (TimeoutError("read timed out"), True),
+    (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+    (PermissionError(errno.EACCES, "denied"), True),
+    (OSError(errno.EIO, "I/O error"), True),
+    (ValueError("UNAVAILABLE: HTTP response 503"), True),
+    (ValueError("DEADLINE_EXCEEDED: reading gs://b/x"), True),
+    (ValueError("PERMISSION_DENIED: HTTP response 403"), True),
+    (ServiceUnavailable("503 Service Unavailable"), True),
+    (HttpError(429), True),
+    (UnavailableError("socket closed"), True),
+    (_raised_while_handling(ValueError("bad"), TimeoutError("slow")), True),
+    (FileNotFoundError(errno.ENOENT, "no such file"), False),
+    (ValueError("DATA_LOSS: Error reading step/.zarray"), False),
+    (ValueError("NOT_FOUND: Error reading step/.zarray"), False),
+    (ValueError("OUT_OF_RANGE: Error reading step/.zarray"), False),
+    (json.JSONDecodeError("Unterminated string", "{", 0), False),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), False),
+    (HttpError(404), False),
+    (_raised_while_handling(ValueError("bad"), FileNotFoundError("gone")), False),
+  ],
+)
+def test_is_transient(error, transient):
+  assert checkpointing.is_transient(error) is transient
 
 
 # ------------------------------------------------------------------------ the real job, slow

@@ -235,10 +235,13 @@ LOCAL_ONLY = {
 }
 # Single lines allowed in the modules that handle workdirs.
 ALLOWED_LINES = {
-  ("workdir_lock.py", "os.open(lock, os.O_CREAT | os.O_EXCL"): "exclusive create of a local lock",
-  ("workdir_lock.py", "os.fdopen(fd,"): "writes the lock just created exclusively",
-  ("fileio.py", "np.savez(buffer"): "an .npz built in memory",
-  ("fileio.py", "np.load(io.BytesIO("): "an .npz read from bytes",
+  (
+    "training/workdir_lock.py",
+    "os.open(lock, os.O_CREAT | os.O_EXCL",
+  ): "exclusive create of a local lock",
+  ("training/workdir_lock.py", "os.fdopen(fd,"): "writes the lock just created exclusively",
+  ("runtime/fileio.py", "np.savez(buffer"): "an .npz built in memory",
+  ("runtime/fileio.py", "np.load(io.BytesIO("): "an .npz read from bytes",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -59,6 +60,10 @@ def _positive_int(v: Any) -> bool:
 
 def _non_negative_int(v: Any) -> bool:
   return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _number(v: Any) -> bool:
+  return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _positive_ints(v: Any) -> bool:
@@ -147,6 +152,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every"):
     _check(config, f"training.{key}", _positive_int, "a positive int")
   _check(config, "training.num_steps", _non_negative_int, "a non-negative int")
+  _check(
+    config,
+    "training.divergence_factor",
+    lambda v: _number(v) and (v == 0 or v > 1),
+    "0 (no divergence guard) or a factor > 1",
+  )
+  _check(
+    config,
+    "training.divergence_steps",
+    _non_negative_int,
+    "a non-negative int (0: no divergence guard)",
+  )
+  _check(config, "training.divergence_window", _positive_int, "a positive int")
   _check(config, "optim.learning_rate", lambda v: v > 0, "a positive float")
   _check(config, "optim.warmup_steps", _non_negative_int, "a non-negative int")
   _check(config, "optim.ema_decay", lambda v: 0.0 <= v < 1.0, "a decay in [0, 1)")

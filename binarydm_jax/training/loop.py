@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,10 @@ class NonFiniteLossError(UserError, FloatingPointError):
   """The loss became NaN or infinite; the last good checkpoint is kept and nothing is saved."""
 
 
+class DivergedLossError(UserError, ArithmeticError):
+  """The loss stayed far above its running median; the last checkpoint is kept, nothing saved."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One resumable training stage (e.g. the FP teacher) living in its own checkpoint directory."""
@@ -51,10 +56,73 @@ class Stage:
   sample_steps: tuple[int, ...] = ()  # Extra steps at which `on_sample` runs.
 
 
-def _summarise(pending: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Means of the metrics gathered since the last summary."""
-  host = jax.device_get(pending)
+def _summarise(host: list[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Means of the metrics gathered since the last summary (already on the host)."""
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+class DivergenceGuard:
+  """Stops a stage whose loss stays above `factor` x its running median for `steps` steps in a row.
+
+  The median is over the last `window` losses that were not above the line, so a divergence that
+  lasts does not raise its own reference; a loss above the line from the first steps on (an absurd
+  learning rate) is caught as well. `factor` or `steps` 0 turns the guard off. It sees the losses
+  where the loop fetches them for its summaries anyway, so it adds no device-to-host transfer; they
+  are replicated, so every process decides alike. A resumed run starts with an empty window.
+  """
+
+  def __init__(self, factor: float, steps: int, window: int):
+    self.factor, self.steps = factor, steps
+    self.enabled = factor > 0 and steps > 0
+    self._good: collections.deque[float] = collections.deque(maxlen=window)
+    self.rising_since: int | None = None  # First step of the current run of losses above the line.
+    self._run = 0
+
+  def observe(self, step: int, loss: float) -> tuple[float, float] | None:
+    """Notes the loss of `step`; returns (loss, median) once the run reaches `steps` steps."""
+    if not self.enabled or not math.isfinite(loss):  # NaN and inf: `_check_finite`'s.
+      return None
+    median = float(np.median(self._good)) if self._good else 0.0
+    if median > 0 and loss > self.factor * median:
+      self._run += 1
+      if self.rising_since is None:
+        self.rising_since = step
+      return (loss, median) if self._run >= self.steps else None
+    self._run, self.rising_since = 0, None
+    self._good.append(loss)
+    return None
+
+
+def _check_divergence(
+  stage: Stage,
+  guard: DivergenceGuard,
+  first_step: int,
+  losses: Sequence[float],
+  last_saved: int | None,
+) -> None:
+  """Feeds the losses of steps `first_step`, `first_step + 1`, ... to `guard`; raises on a trip."""
+  for step, loss in enumerate(losses, start=first_step):
+    tripped = guard.observe(step, float(loss))
+    if tripped is None:
+      continue
+    loss, median = tripped
+    rise = guard.rising_since
+    if last_saved is None:
+      kept, resume = "there is none yet", "from the start"
+    else:
+      kept, resume = f"the last is step {last_saved}", "from it"
+      if last_saved == rise - 1:  # Its params gave the first loss above the line.
+        kept += (
+          f" (its params gave the first high loss: if the rerun's loss starts high, move "
+          f"{stage.directory}/{last_saved} aside)"
+        )
+    raise DivergedLossError(
+      f"{stage.name}: the loss diverged: {loss:.4g} at step {step} after {guard.steps} steps "
+      f"in a row above {guard.factor:g}x its running median {median:.4g} (since step {rise}); "
+      f"no checkpoint was written since, {kept}. Lower --config.{stage.learning_rate_key} and "
+      f"rerun the same command to resume {resume}, or loosen the guard: "
+      "--config.training.divergence_factor or divergence_steps (0 turns it off)"
+    )
 
 
 def _check_finite(
@@ -108,6 +176,9 @@ def run_stage(
     return progress.timed(part, wait_jax_async_dispatch=False) if reporting else nullcontext()
 
   pending: list[dict[str, jax.Array]] = []
+  guard = DivergenceGuard(
+    training.divergence_factor, training.divergence_steps, training.divergence_window
+  )
   # Closing the manager (also on an error such as NonFiniteLossError) commits the async saves
   # still in flight, so the last checkpoint named in the error exists.
   with SigtermWatch() as sigterm, lazy_imports.metric_writers().ensure_flushes(writer), manager:
@@ -125,11 +196,27 @@ def run_stage(
       preempted = sigterm.reached(manager, done)
       saves = done % training.checkpoint_every == 0 or is_last or preempted
       if done % training.log_every == 0 or saves:
-        summary = _summarise(pending)
+        host = jax.device_get(pending)
         pending = []
+        summary = _summarise(host)
         _check_finite(stage, done, summary, last_saved)
+        if "loss" in summary:
+          _check_divergence(
+            stage, guard, done - len(host) + 1, [m["loss"] for m in host], last_saved
+          )
         writer.write_scalars(done, {f"{stage.name}/{k}": v for k, v in summary.items()})
         logging.info("%s step %d: %s", stage.name, done, summary)
+      if saves and guard.rising_since is not None and not (is_last or preempted):
+        # The loss may be diverging: no periodic checkpoint now, so none of the good ones is
+        # replaced by a state that may be bad (the next one comes once the loss is back).
+        logging.warning(
+          "%s: no checkpoint at step %d: the loss is above %gx its running median since step %d",
+          stage.name,
+          done,
+          guard.factor,
+          guard.rising_since,
+        )
+        saves = False
       if saves:
         with timed("checkpoint"):
           checkpointing.save(manager, done, state, config)
